@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and make:
+#   make demo   train a small model on FER2013 (or DATA=...), label and evaluate with it
+#   make test   the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/fer2013
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench install clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	DATA="$(DATA)" PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not integration and not cluster" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs out .pytest_cache

@@ -1,0 +1,191 @@
+"""Images: decode on the CPU to small uint8 arrays, then named tensor presets on the model's device.
+
+Two stages, shared by training, labelling and evaluation so that every path sees the same pixels:
+
+1. `decode_image` (CPU, per file): any PIL-readable image -> EXIF-upright, grayscale, centre-cropped
+   to a square and resized to `decode_size` (48 for FER2013, its native size) as uint8. Big JPEGs
+   are decoded at reduced scale (draft mode); decompression bombs are refused.
+2. `EvalPreset` / `TrainPreset` (batched torch, CPU or GPU): uint8 (B, S, S) -> float (B, 3, N, N)
+   at `image_size`, ImageNet-normalised, with augmentation for training. Resizing and augmenting
+   happen in one `grid_sample`, so a GPU receives 48x48 bytes, never 224x224 floats.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into model input; the message is a short per-file reason."""
+
+
+def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes to a (size, size) uint8 grayscale array.
+
+    Returns (pixels, width, height) where width and height are the source image's, after EXIF
+    rotation. Raises ImageError with a short reason for empty, corrupt, truncated, unsupported or
+    oversized (decompression-bomb) files.
+    """
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
+                width, height = height, width
+            if im.format == "JPEG":
+                im.draft("L", (size, size))  # decode at 1/2..1/8 scale when the image is big enough
+            im = ImageOps.exif_transpose(im)
+            gray = _to_gray(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large (decompression bomb guard): {e}") from None
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        reason = str(e) or type(e).__name__
+        raise ImageError(f"cannot decode image: {reason}"[:200]) from None
+    square = ImageOps.fit(gray, (size, size), method=Image.Resampling.BILINEAR)
+    return np.asarray(square, dtype=np.uint8), width, height
+
+
+def _to_gray(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        arr = (arr - lo) / (hi - lo or 1.0)
+        return Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return im.convert("L")
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor presets
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalPreset:
+    """uint8 (B, S, S) -> normalised float (B, 3, image_size, image_size); deterministic."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channels_last: bool = True
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = _to_unit_float(pixels)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear",
+                align_corners=False, antialias=x.shape[-1] > self.image_size,
+            )
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        out = (x - mean) / std  # one gray channel broadcasts to three normalised channels
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out.contiguous()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainPreset(EvalPreset):
+    """EvalPreset plus batched random augmentation: flip, rotation, scale, shift, erasing.
+
+    One random affine matrix per image (flip folded in) drives a single `grid_sample` that also
+    resizes to image_size, so augmentation costs one pass over the output pixels on CPU or GPU.
+    """
+
+    hflip: float = 0.5  # probability of a horizontal flip
+    rotation: float = 10.0  # max rotation in degrees, either way
+    scale: float = 0.0  # max relative zoom, either way
+    translate: float = 0.0  # max shift as a fraction of the side, either way
+    erasing: float = 0.0  # probability of erasing one random rectangle (random erasing)
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = _to_unit_float(pixels)
+        b = x.shape[0]
+        dev = x.device
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.rand(b, generator=generator, device=dev) * (high - low) + low
+
+        angle = uniform(-self.rotation, self.rotation) * (math.pi / 180.0)
+        zoom = uniform(1.0 - self.scale, 1.0 + self.scale)
+        flip = torch.where(torch.rand(b, generator=generator, device=dev) < self.hflip, -1.0, 1.0)
+        tx = uniform(-self.translate, self.translate) * 2.0  # grid coordinates span [-1, 1]
+        ty = uniform(-self.translate, self.translate) * 2.0
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, tx], dim=1), torch.stack([sin * flip, cos, ty], dim=1)], dim=1
+        )
+        grid = F.affine_grid(theta, [b, 1, self.image_size, self.image_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = self._normalise(x)
+        if self.erasing > 0:
+            out = _random_erase(out, self.erasing, generator)
+        return out
+
+
+def _to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.dim() == 3:
+        pixels = pixels.unsqueeze(1)
+    return pixels.float().div_(255.0)
+
+
+def _random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Zero one rectangle (2%..25% of the area, aspect 0.3..3.3) in a random subset of images."""
+    b, _, h, w = x.shape
+    dev = x.device
+    rand = lambda: torch.rand(b, generator=generator, device=dev)  # noqa: E731
+    area = (0.02 + rand() * 0.23) * h * w
+    aspect = torch.exp(math.log(0.3) + rand() * (math.log(3.3) - math.log(0.3)))
+    eh = torch.sqrt(area * aspect).clamp(1, h)
+    ew = torch.sqrt(area / aspect).clamp(1, w)
+    top = rand() * (h - eh)
+    left = rand() * (w - ew)
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    inside = (
+        (ys >= top.view(b, 1, 1)) & (ys < (top + eh).view(b, 1, 1))
+        & (xs >= left.view(b, 1, 1)) & (xs < (left + ew).view(b, 1, 1))
+    )
+    chosen = (rand() < p).view(b, 1, 1)
+    mask = (inside & chosen).unsqueeze(1)
+    return x.masked_fill(mask, 0.0)
+
+
+def train_preset(name: str, *, image_size: int, channels_last: bool = True) -> EvalPreset:
+    """The named training presets: "standard" (flip, rotation, zoom, shift, erasing),
+    "flip_rotate" (flip and rotation, as the seed project) and "none"."""
+    if name == "standard":
+        return TrainPreset(image_size=image_size, channels_last=channels_last,
+                           rotation=15.0, scale=0.15, translate=0.1, erasing=0.25)
+    if name == "flip_rotate":
+        return TrainPreset(image_size=image_size, channels_last=channels_last, rotation=10.0)
+    if name == "none":
+        return EvalPreset(image_size=image_size, channels_last=channels_last)
+    raise ValueError(f"unknown augmentation preset {name!r}; choose one of: standard, flip_rotate, none")

@@ -1,0 +1,205 @@
+"""EfficientNet-B0 with a 7-class head, and the model bundle that carries what inference needs.
+
+A bundle is one `torch.save`d dict of plain types (loadable with `weights_only=True`): the weights
+of the unwrapped model, the class names, decode and input sizes, normalisation, architecture, the
+resolved training config and the best metrics. Loading it never needs the training flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import urllib.error
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
+
+from ray_fer import storage
+from ray_fer.config import UserError
+from ray_fer.images import IMAGENET_MEAN, IMAGENET_STD, EvalPreset
+from ray_fer.labels import CLASSES, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "efficientnet_b0"
+BUNDLE_FORMAT = "ray-fer-bundle/1"
+
+
+class ModelLoadError(UserError):
+    """A weights or bundle file that cannot be used; the message names the file and the fix."""
+
+
+def build_model(weights: str = "none", num_classes: int = NUM_CLASSES) -> nn.Module:
+    """EfficientNet-B0 with a fresh `num_classes` head.
+
+    weights: "none" (random init), "imagenet" (torchvision's ImageNet-1k weights; downloaded once
+    into the torch hub cache) or a path / s3:// URI of a state dict or model bundle.
+    """
+    if weights == "none":
+        model = efficientnet_b0(weights=None, num_classes=num_classes)
+        _reset_head(model.classifier[1])
+        return model
+    if weights == "imagenet":
+        return _imagenet_model(num_classes)
+    state = _state_dict_from_file(weights)
+    head = state.get("classifier.1.weight")
+    if head is None:
+        raise ModelLoadError(f"{weights!r} holds no EfficientNet-B0 weights (no 'classifier.1.weight' key)")
+    model = efficientnet_b0(weights=None, num_classes=head.shape[0])
+    _load_state(model, state, weights)
+    if head.shape[0] != num_classes:  # e.g. a local copy of the ImageNet weights: keep the body
+        model.classifier[1] = nn.Linear(model.classifier[1].in_features, num_classes)
+        _reset_head(model.classifier[1])
+    return model
+
+
+def _reset_head(linear: nn.Linear) -> None:
+    # torchvision's uniform(+-1/sqrt(7)) head starts with huge logits and stalls training (ML-NOTES);
+    # a zero head starts at the uniform-guess loss ln(7) and learns at once.
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+
+
+def _imagenet_model(num_classes: int) -> nn.Module:
+    try:
+        model = efficientnet_b0(weights=EfficientNet_B0_Weights.IMAGENET1K_V1)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        url = EfficientNet_B0_Weights.IMAGENET1K_V1.url
+        raise ModelLoadError(
+            f"could not download the ImageNet weights ({type(e).__name__}: {e}). This machine seems "
+            f"offline: download {url} where the network allows, then pass model.weights=/path/to/"
+            f"{url.rsplit('/', 1)[-1]} (or put the file in $TORCH_HOME/hub/checkpoints/), "
+            "or use model.weights=none to train from scratch"
+        ) from None
+    model.classifier[1] = nn.Linear(model.classifier[1].in_features, num_classes)
+    _reset_head(model.classifier[1])
+    return model
+
+
+def _torch_load(data: bytes, source: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors alike
+        raise ModelLoadError(
+            f"{source!r} is not a loadable PyTorch weights file ({type(e).__name__}: {str(e)[:200]}); "
+            "pass a model bundle written by `ray-fer train` or a state dict saved with torch.save"
+        ) from None
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, OSError) as e:
+        raise ModelLoadError(f"cannot read model file {uri!r}: {e}; check the path or URI") from None
+
+
+def _state_dict_from_file(uri: str) -> dict[str, torch.Tensor]:
+    obj = _torch_load(_read(uri), uri)
+    if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
+        return obj["state_dict"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ModelLoadError(f"{uri!r} is neither a ray-fer model bundle nor a state dict of tensors")
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{source!r} does not match {ARCHITECTURE}: {str(e)[:300]}") from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------------------------
+# The model bundle
+
+
+@dataclass
+class ModelBundle:
+    state_dict: dict[str, torch.Tensor]
+    image_size: int
+    decode_size: int
+    classes: tuple[str, ...] = CLASSES
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    architecture: str = ARCHITECTURE
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved training config
+    metrics: dict[str, Any] = field(default_factory=dict)  # the best epoch's metrics
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics of the run
+
+    def build_model(self) -> nn.Module:
+        """The model in eval mode on the CPU, weights loaded."""
+        if self.architecture != ARCHITECTURE:
+            raise ModelLoadError(f"bundle architecture {self.architecture!r} is not supported ({ARCHITECTURE})")
+        model = efficientnet_b0(weights=None, num_classes=len(self.classes))
+        _load_state(model, self.state_dict, "model bundle")
+        return model.eval()
+
+    def eval_preset(self, channels_last: bool = True) -> EvalPreset:
+        return EvalPreset(image_size=self.image_size, mean=self.mean, std=self.std, channels_last=channels_last)
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": BUNDLE_FORMAT,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+            "image_size": self.image_size,
+            "decode_size": self.decode_size,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "architecture": self.architecture,
+            "config": self.config,
+            "metrics": self.metrics,
+            "history": self.history,
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "model bundle") -> "ModelBundle":
+        obj = _torch_load(data, source)
+        if not isinstance(obj, dict) or obj.get("format") != BUNDLE_FORMAT:
+            raise ModelLoadError(
+                f"{source!r} is not a ray-fer model bundle; pass the model.pt that `ray-fer train` wrote "
+                "(a plain state dict can be used as model.weights for training instead)"
+            )
+        return cls(
+            state_dict=obj["state_dict"],
+            image_size=int(obj["image_size"]),
+            decode_size=int(obj["decode_size"]),
+            classes=tuple(obj["classes"]),
+            mean=tuple(obj["mean"]),
+            std=tuple(obj["std"]),
+            architecture=obj["architecture"],
+            config=obj.get("config", {}),
+            metrics=obj.get("metrics", {}),
+            history=obj.get("history", []),
+        )
+
+
+def save_bundle(bundle: ModelBundle, uri: str) -> str:
+    """Write the bundle to a local path or s3:// URI; returns its identity (see `bundle_id`)."""
+    data = bundle.to_bytes()
+    storage.write_bytes(uri, data)
+    return bundle_id(data)
+
+
+def load_bundle(uri: str) -> tuple[ModelBundle, str]:
+    """Read a bundle from a local path or s3:// URI; returns (bundle, identity)."""
+    data = _read(uri)
+    return ModelBundle.from_bytes(data, uri), bundle_id(data)
+
+
+def bundle_id(data: bytes) -> str:
+    """A model's identity: the first 16 hex digits of the SHA-256 of the bundle file."""
+    return hashlib.sha256(data).hexdigest()[:16]

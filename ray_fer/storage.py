@@ -1,0 +1,144 @@
+"""Local and s3:// paths: listing, reading, writing, through pyarrow filesystems.
+
+S3 uses the standard AWS settings (credential chain, AWS_REGION, and AWS_ENDPOINT_URL for
+S3-compatible stores). Filesystems are built with `FileSystem.from_uri`, which honours them.
+Nothing here logs credentials: only paths appear in messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+SCHEMES = ("s3://",)
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith(SCHEMES)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base).joinpath(*parts))
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_filesystem(bucket: str) -> pafs.FileSystem:
+    # from_uri resolves the bucket's region and reads AWS_ENDPOINT_URL; cached per process and bucket.
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")
+    return fs
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `uri` and the path inside it."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        return _s3_filesystem(bucket), rest.rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"unsupported storage scheme in {uri!r}: use a local path or s3://BUCKET/PREFIX")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of `filesystem`: a path inside `fs` as a user-facing URI."""
+    return f"s3://{path}" if fs.type_name == "s3" else path
+
+
+def info(uri: str) -> pafs.FileInfo:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path)
+
+
+def exists(uri: str) -> bool:
+    return info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    return info(uri).type == pafs.FileType.Directory
+
+
+def list_dir(uri: str) -> list[tuple[str, bool]]:
+    """Immediate children of a folder or prefix as (uri, is_dir), sorted by name."""
+    fs, path = filesystem(uri)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted((to_uri(fs, e.path), e.type == pafs.FileType.Directory) for e in entries)
+
+
+def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """All files under a folder or prefix, recursively, sorted; optionally only these extensions."""
+    fs, path = filesystem(uri)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=False))
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    files = [
+        to_uri(fs, e.path)
+        for e in entries
+        if e.type == pafs.FileType.File and (exts is None or e.path.lower().endswith(exts))
+    ]
+    return sorted(files)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    if fs.type_name == "local":
+        with open(path, "rb") as f:  # note: plain open() is several times faster for small files
+            return f.read()
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_many(uris: list[str], threads: int = 16) -> list[bytes | BaseException]:
+    """Read many files; each result is the bytes or the exception that reading raised.
+
+    Remote stores are read with a thread pool, since each GET waits on the network.
+    """
+    def one(u: str) -> bytes | BaseException:
+        try:
+            return read_bytes(u)
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not fail the batch
+            return e
+
+    if not uris:
+        return []
+    if not any(is_remote(u) for u in uris) or threads <= 1:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
+        return list(pool.map(one, uris))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if fs.type_name == "local":
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.delete_file(path)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
