@@ -50,8 +50,20 @@ def run(func: Callable[[], dict[str, Any]], prog: str = "ray-fer") -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _flush_ray_logs()
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _flush_ray_logs() -> None:
+    # Ray forwards worker logs to the driver's stdout asynchronously; disconnecting first keeps
+    # the JSON summary the last line.
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

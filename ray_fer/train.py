@@ -1,0 +1,441 @@
+"""Training: `train_one_epoch`, `evaluate`, `train_loop_per_worker` and the `TorchTrainer` around them.
+
+`run_training(cfg)` checks every input on the driver (config, data folders, weights), builds
+materialised Ray Datasets of decoded uint8 faces, runs data-parallel training with Ray Train V2
+(gloo on CPU, NCCL on GPU), keeps the best checkpoints by val_loss, exports the best one as a
+model bundle and returns a JSON-able summary. Re-running the same `run.name` resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ray_fer import storage
+from ray_fer.config import ConfigError, TrainJobConfig, from_dict, to_yaml
+from ray_fer.data import find_split, image_folder_dataset, list_image_folder  # noqa: F401 (find_split re-exported)
+from ray_fer.images import EvalPreset, train_preset
+from ray_fer.model import ModelBundle, build_model, save_bundle, unwrap
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
+BUNDLE_FILE = "model.pt"  # the exported best model, in the run folder
+CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder
+SHUFFLE_BUFFER = 2048  # rows in each worker's local shuffle buffer, on top of random block order
+
+
+# --------------------------------------------------------------------------------------------
+# The per-epoch steps
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    preset: EvalPreset,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    fail_after_first_step: bool = False,
+) -> dict[str, float]:
+    """One pass over `batches` of uint8 images; returns this worker's loss sum, correct and count."""
+    model.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        x = preset(images)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        # note: accumulate on the device; reading .item() here would sync the GPU every step
+        loss_sum += loss.detach().double() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        if fail_after_first_step:
+            _kill_self()
+    return {"loss_sum": loss_sum.item(), "correct": float(correct.item()), "count": float(seen)}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    preset: EvalPreset,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Loss sum, correct and count of this worker's share of the validation split (no augmentation)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(preset(images))
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        seen += labels.shape[0]
+    return {"loss_sum": loss_sum.item(), "correct": float(correct.item()), "count": float(seen)}
+
+
+def _all_reduce(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum per-worker totals over the worker group (no-op for one worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def _kill_self() -> None:
+    log.warning("fault injection: killing this training worker (pid %d)", os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser, schedule, precision
+
+
+def scaled_lr(cfg: TrainJobConfig, world_size: int) -> float:
+    """train.lr scaled from lr_reference_batch to the global batch (sqrt rule by default)."""
+    ratio = cfg.train.batch_size * world_size / cfg.train.lr_reference_batch
+    factor = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[cfg.train.lr_scaling]
+    return cfg.train.lr * factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainJobConfig, lr: float) -> torch.optim.Optimizer:
+    params = model.parameters()
+    wd = cfg.train.weight_decay
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+
+
+def lr_factor(epoch_index: int, cfg: TrainJobConfig) -> float:
+    """Multiplier of the base lr for the 0-based epoch: linear warm-up, then cosine or constant.
+
+    Reads the current config, so raising train.epochs on resume stretches the remaining schedule."""
+    warm = cfg.train.warmup_epochs
+    if epoch_index < warm:
+        return (epoch_index + 1) / (warm + 1)
+    if cfg.train.scheduler == "constant":
+        return 1.0
+    span = max(1, cfg.train.epochs - warm)
+    progress = min(1.0, (epoch_index - warm) / span)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))  # floor: the last epoch still learns
+
+
+def amp_dtype_for(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
+    choice = cfg.train.amp
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None  # bf16 autocast makes CPU training slower (ML-NOTES)
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+# --------------------------------------------------------------------------------------------
+# The worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainJobConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+
+    model = build_model(cfg.model.weights)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    lr = scaled_lr(cfg, world)
+    optimizer = make_optimizer(model, cfg, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            log.info("resuming run %s after epoch %d", cfg.run.name, state["epoch"])
+
+    augment = train_preset(cfg.train.augment, image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
+    plain = EvalPreset(image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_kwargs = dict(dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu",
+                        pin_memory=device.type == "cuda")
+    fault_marker = config.get("fault_marker")
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        inject = (cfg.train.fail_at_epoch == epoch and rank == 0 and fault_marker is not None
+                  and not storage.exists(fault_marker))
+        if inject:
+            storage.write_bytes(fault_marker, f"killed during epoch {epoch}\n".encode())
+        tr = train_one_epoch(
+            model,
+            train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER, **batch_kwargs),
+            augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
+            amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
+        )
+        train_s = time.perf_counter() - t0
+        va = evaluate(model, val_shard.iter_torch_batches(batch_size=max(64, cfg.train.batch_size), **batch_kwargs),
+                      plain, device=device, amp_dtype=amp_dtype)
+        current_lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        tr, va = _all_reduce(tr, device), _all_reduce(va, device)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": tr["loss_sum"] / max(1.0, tr["count"]),
+            "train_acc": tr["correct"] / max(1.0, tr["count"]),
+            "val_loss": va["loss_sum"] / max(1.0, va["count"]),
+            "val_acc": va["correct"] / max(1.0, va["count"]),
+            "lr": current_lr,
+            "epoch_s": time.perf_counter() - t0,
+            "train_images_per_s": tr["count"] / max(train_s, 1e-9),
+        }
+        history.append(metrics)
+        rng_states = _gather_rng_states(world)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "epoch": epoch,
+                    "rng": rng_states,
+                    "history": history,
+                    "metrics": metrics,
+                    "config": asdict(cfg),
+                }, Path(tmp) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:
+            log.info("epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  lr %.2e  %.0fs  %.0f img/s",
+                     epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"],
+                     metrics["val_acc"], current_lr, metrics["epoch_s"], metrics["train_images_per_s"])
+    return {"epochs_run": max(0, cfg.train.epochs - start_epoch + 1)}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, so a resumed worker continues its own random stream."""
+    mine = _rng_state()
+    if world == 1 or not dist.is_initialized():
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_dir(cfg: TrainJobConfig) -> str:
+    return storage.join(storage_root(cfg), cfg.run.name)
+
+
+def storage_root(cfg: TrainJobConfig) -> str:
+    root = cfg.run.storage_path
+    return root.rstrip("/") if storage.is_remote(root) else os.path.abspath(os.path.expanduser(root))
+
+
+def check_inputs(cfg: TrainJobConfig):
+    """Everything that can be checked before Ray starts: data folders and weights.
+
+    Returns the listed (path, label) tables of both splits."""
+    train_table = list_image_folder(cfg.data.train, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
+    val_table = list_image_folder(cfg.data.val, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
+    build_model(cfg.model.weights)  # reads / downloads the weights once: a bad file fails here
+    return train_table, val_table
+
+
+def _resources(cfg: TrainJobConfig) -> tuple[bool, int]:
+    """(use_gpu, CPUs per worker) from the config and the running cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    use_gpu = cfg.run.use_gpu if cfg.run.use_gpu != "auto" else total.get("GPU", 0) >= 1
+    if use_gpu and total.get("GPU", 0) < cfg.run.num_workers:
+        raise ConfigError(f"run.use_gpu is true with run.num_workers={cfg.run.num_workers}, but the cluster has "
+                          f"{int(total.get('GPU', 0))} GPUs; lower run.num_workers or set run.use_gpu=false")
+    if cfg.run.cpus_per_worker is not None:
+        return use_gpu, cfg.run.cpus_per_worker
+    if use_gpu:
+        return use_gpu, 1
+    biggest_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    return use_gpu, max(1, min(biggest_node, int(total.get("CPU", 1)) // cfg.run.num_workers))
+
+
+def _check_storage_is_shared(cfg: TrainJobConfig) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) > 1 and not storage.is_remote(cfg.run.storage_path) and not cfg.run.shared_storage:
+        raise ConfigError(
+            f"run.storage_path {cfg.run.storage_path!r} is local, but the cluster has {len(nodes)} nodes: "
+            "checkpoints written on one node are invisible to the others. Use s3://BUCKET/PREFIX, or a shared "
+            "filesystem mounted at the same path on every node and --set run.shared_storage=true"
+        )
+
+
+def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the JSON summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg.check()
+    train_table, val_table = check_inputs(cfg)
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS (e.g. inside a Ray job) or starts a local instance
+    _check_storage_is_shared(cfg)
+    use_gpu, threads = _resources(cfg)
+    out_dir = run_dir(cfg)
+    storage.write_bytes(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg).encode())
+
+    seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    datasets = {
+        "train": image_folder_dataset(train_table, decode_size=cfg.data.decode_size).randomize_block_order(
+            seed=seed_config),
+        "val": image_folder_dataset(val_table, decode_size=cfg.data.decode_size),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "threads": threads,
+            "fault_marker": storage.join(out_dir, f"fault-injected-epoch-{cfg.train.fail_at_epoch}")
+            if cfg.train.fail_at_epoch else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
+            | ({"GPU": 1} if use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_root(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return export_best(cfg, result)
+
+
+def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
+    """Write the best checkpoint (lowest val_loss) as the run's model bundle; return the summary."""
+    best = result.get_best_checkpoint("val_loss", "min")
+    if best is None or result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
+    best_state = _load_state(best)
+    history = _load_state(result.checkpoint)["history"]
+    bundle = ModelBundle(
+        state_dict=best_state["model"],
+        image_size=cfg.data.image_size,
+        decode_size=cfg.data.decode_size,
+        config=asdict(cfg),
+        metrics=best_state["metrics"],
+        history=history,
+    )
+    bundle_uri = storage.join(run_dir(cfg), BUNDLE_FILE)
+    model_id = save_bundle(bundle, bundle_uri)
+    best_metrics = best_state["metrics"]
+    return {
+        "run": cfg.run.name,
+        "epochs": history[-1]["epoch"] if history else 0,
+        "best_epoch": best_metrics["epoch"],
+        "best_val_loss": round(best_metrics["val_loss"], 6),
+        "best_val_acc": round(best_metrics["val_acc"], 6),
+        "model": bundle_uri,
+        "model_id": model_id,
+    }
+
+
+def _load_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
