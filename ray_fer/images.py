@@ -189,3 +189,30 @@ def train_preset(name: str, *, image_size: int, channels_last: bool = True) -> E
     if name == "none":
         return EvalPreset(image_size=image_size, channels_last=channels_last)
     raise ValueError(f"unknown augmentation preset {name!r}; choose one of: standard, flip_rotate, none")
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time augmentation
+
+TTA_MODES = ("none", "flip", "tencrop")
+TENCROP_FRACTION = 0.9  # crop side / image side: a 10% shift and 1.1x zoom, inside the training augmentation
+
+
+def tta_views(pixels: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The test-time views of a uint8 batch (B, S, S); each goes through the same EvalPreset.
+
+    "none": the batch itself; "flip": it and its mirror image; "tencrop": the four corner crops and
+    the centre crop of side TENCROP_FRACTION * S, and their mirror images (as the best FER2013
+    results use). The TTA prediction is the mean of the model's probabilities over the views.
+    """
+    if mode == "none":
+        return [pixels]
+    if mode == "flip":
+        return [pixels, torch.flip(pixels, dims=(-1,))]
+    if mode == "tencrop":
+        side = pixels.shape[-1]
+        crop = max(1, round(side * TENCROP_FRACTION))
+        far, mid = side - crop, (side - crop) // 2
+        crops = [pixels[..., y:y + crop, x:x + crop] for y, x in ((0, 0), (0, far), (far, 0), (far, far), (mid, mid))]
+        return crops + [torch.flip(c, dims=(-1,)) for c in crops]
+    raise ValueError(f"unknown test-time augmentation {mode!r}; choose one of: {', '.join(TTA_MODES)}")
