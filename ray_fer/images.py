@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,6 +55,8 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
         raise ImageError(f"image too large (decompression bomb guard): {e}") from None
     except ImageError:
         raise
+    except UnidentifiedImageError:  # its message holds a memory address: say it plainly
+        raise ImageError("not an image, or a format PIL cannot read") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         reason = str(e) or type(e).__name__
         raise ImageError(f"cannot decode image: {reason}"[:200]) from None
