@@ -123,6 +123,40 @@ class TrainJobConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Labelling
+
+
+@dataclass
+class InferConfig:
+    model: str = ""  # model bundle written by `ray-fer train` (local path or s3://)
+    input: str = ""  # image folder, s3:// prefix, or a .parquet/.csv manifest with a `path` column
+    output: str = ""  # local folder or s3:// prefix that receives the Parquet data set
+    overwrite: bool = False  # replace an existing output (only files ray-fer writes are deleted)
+    skip_existing: bool = False  # label only the images not yet in the output: finishes a crashed job
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: one predictor per GPU when the cluster has GPUs
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16
+    tta: Literal["none", "flip", "tencrop"] = "none"  # test-time views whose probabilities are averaged
+    batch_size: int | None = None  # images per predictor call; default 64 on CPU, 512 on GPU
+    decode_batch_size: int = 512  # images per read-and-decode task
+    actors: int | None = None  # predictor actors; default: one per GPU, else sized from the cluster's CPUs
+
+    def check(self) -> None:
+        if not self.model:
+            raise ConfigError("model is not set: pass --model PATH (the model.pt that `ray-fer train` wrote)")
+        if not self.input:
+            raise ConfigError("input is not set: pass --input PATH (a folder, s3://bucket/prefix or a manifest)")
+        if not self.output:
+            raise ConfigError("output is not set: pass --output PATH (a local folder or s3://bucket/prefix)")
+        if self.overwrite and self.skip_existing:
+            raise ConfigError("overwrite and skip_existing exclude each other: pick one")
+        if self.batch_size is not None:
+            _at_least("batch_size", self.batch_size, 1)
+        _at_least("decode_batch_size", self.decode_batch_size, 1)
+        if self.actors is not None:
+            _at_least("actors", self.actors, 1)
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -245,6 +279,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

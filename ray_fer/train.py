@@ -228,6 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         inject = (cfg.train.fail_at_epoch == epoch and rank == 0 and fault_marker is not None
                   and not storage.exists(fault_marker))
         if inject:
+            # wait until the controller has registered the last report, so the restart resumes from it
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
             storage.write_bytes(fault_marker, f"killed during epoch {epoch}\n".encode())
         tr = train_one_epoch(
             model,

@@ -1,0 +1,86 @@
+"""The model: forward shapes, head initialisation, weights loading, and the bundle round trip."""
+
+from __future__ import annotations
+
+import torch
+
+import pytest
+
+from ray_fer.labels import CLASSES, NUM_CLASSES, PROB_COLUMNS, class_index
+from ray_fer.model import ModelBundle, ModelLoadError, build_model, bundle_id, load_bundle, save_bundle
+
+
+def test_labels_are_the_seven_expressions_in_order():
+    assert CLASSES == ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+    assert PROB_COLUMNS[0] == "prob_angry" and len(PROB_COLUMNS) == NUM_CLASSES == 7
+    assert class_index("Happy") == 3 and class_index(" SURPRISE ") == 6
+    with pytest.raises(ValueError, match="unknown expression class 'contempt'; expected one of: angry"):
+        class_index("contempt")
+
+
+def test_forward_gives_seven_finite_logits_and_starts_at_uniform_loss():
+    model = build_model("none").eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        logits = model(x)
+    assert logits.shape == (4, 7) and torch.isfinite(logits).all()
+    # zero-initialised head: the first loss is ln(7), not the 3-4 of torchvision's default head
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    assert abs(loss.item() - torch.log(torch.tensor(7.0)).item()) < 1e-4
+
+
+def _trained_bundle() -> ModelBundle:
+    torch.manual_seed(0)
+    model = build_model("none")
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.05)
+    return ModelBundle(state_dict=model.state_dict(), image_size=64, decode_size=48,
+                       config={"train": {"epochs": 1}}, metrics={"val_loss": 1.5, "epoch": 1},
+                       history=[{"epoch": 1, "val_loss": 1.5}])
+
+
+def test_bundle_round_trip_keeps_weights_and_metadata(tmp_path):
+    bundle = _trained_bundle()
+    uri = str(tmp_path / "sub" / "model.pt")
+    ident = save_bundle(bundle, uri)
+    loaded, ident2 = load_bundle(uri)
+    assert ident == ident2 == bundle_id(open(uri, "rb").read()) and len(ident) == 16
+    assert (loaded.image_size, loaded.decode_size, loaded.classes) == (64, 48, CLASSES)
+    assert loaded.metrics == {"val_loss": 1.5, "epoch": 1} and loaded.config == {"train": {"epochs": 1}}
+    x = torch.randn(2, 3, 64, 64)
+    ref = bundle.build_model()
+    with torch.inference_mode():
+        assert torch.equal(ref(x), loaded.build_model()(x))
+    # weights_only loading: the file holds only tensors and plain types
+    raw = torch.load(uri, weights_only=True)
+    assert raw["format"] == "ray-fer-bundle/1"
+
+
+def test_weights_from_a_bundle_or_a_state_dict(tmp_path):
+    bundle = _trained_bundle()
+    save_bundle(bundle, str(tmp_path / "model.pt"))
+    from_bundle = build_model(str(tmp_path / "model.pt"))
+    assert torch.equal(from_bundle.classifier[1].weight, bundle.state_dict["classifier.1.weight"])
+    # a 1000-class state dict (a local copy of ImageNet weights): body kept, fresh zero head
+    imagenet_like = build_model("none", num_classes=1000)
+    torch.save(imagenet_like.state_dict(), tmp_path / "in1k.pth")
+    model = build_model(str(tmp_path / "in1k.pth"))
+    assert model.classifier[1].out_features == 7 and not model.classifier[1].weight.any()
+    assert torch.equal(model.features[0][0].weight, imagenet_like.features[0][0].weight)
+
+
+def test_bad_weights_fail_with_the_path_and_the_fix(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot read model file .*nope.pt"):
+        build_model(str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="not a loadable PyTorch weights file"):
+        load_bundle(str(junk))
+    torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="not a ray-fer model bundle"):
+        load_bundle(str(tmp_path / "other.pt"))
+
+
+def test_imagenet_weights_offline_say_how_to_pass_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: torchvision must download
+    with pytest.raises(ModelLoadError, match=r"pass model.weights=/path/to/efficientnet_b0"):
+        build_model("imagenet")
