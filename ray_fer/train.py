@@ -219,8 +219,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     plain = EvalPreset(image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    on_gpu = device.type == "cuda"
+    # uint8 faces travel to the device as they are (48x48 = 2.3 KB); pinned for async copies on GPUs
     batch_kwargs = dict(dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu",
-                        pin_memory=device.type == "cuda")
+                        pin_memory=on_gpu, prefetch_batches=4 if on_gpu else 1)
     fault_marker = config.get("fault_marker")
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -254,6 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "epoch_s": time.perf_counter() - t0,
             "train_images_per_s": tr["count"] / max(train_s, 1e-9),
         }
+        if on_gpu:
+            metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(metrics)
         rng_states = _gather_rng_states(world)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,301 @@
+"""Speed on one accelerator: training and labelling through ray-fer against model-only upper bounds.
+
+Prints, each a median of repeated timings after warm-up:
+1. training images/s through `ray-fer train` (1 worker), the model-only bound (the same model,
+   batch, precision and optimizer in a bare loop on random tensors already on the device), ratio;
+2. labelling images/s end to end (files -> Parquet), the model-only inference bound, ratio;
+3. GPU memory peak and utilisation (sampled with nvidia-smi) where there is a GPU.
+
+It makes its own data: synthetic 48x48 grayscale JPEGs in the FER2013 layout (no data set needs to
+travel). On a machine without a GPU it runs the same code paths on the CPU with smaller sizes
+(`--mode cpu`, the default there), so it stays tested where no GPU is lent.
+
+    python bench/gpu.py                    # auto: gpu if torch sees one, else cpu
+    python bench/gpu.py --mode gpu --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ray_fer.labels import CLASSES
+
+# Per mode: image size, per-worker train batch, synthetic train / label image counts, epochs.
+SIZES = {
+    "gpu": dict(image_size=224, batch_size=256, train_images=24_000, label_images=160_000, epochs=3),
+    "cpu": dict(image_size=64, batch_size=32, train_images=1_400, label_images=3_000, epochs=3),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic FER-like data
+
+
+def _write_faces(args: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+
+    folder, start, count, seed = args
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:48]
+    for i in range(start, start + count):
+        # a smooth blob pattern compresses like a face (about 1.5-2 KB), unlike white noise
+        img = np.full((48, 48), rng.uniform(60, 160))
+        for _ in range(4):
+            cy, cx, r = rng.uniform(8, 40), rng.uniform(8, 40), rng.uniform(4, 14)
+            img += rng.uniform(-80, 80) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        img += rng.normal(0, 6, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").save(f"{folder}/{i:07d}.jpg", quality=90)
+
+
+def make_image_folder(root: Path, n: int, workers: int) -> Path:
+    """`root/<class>/*.jpg` with n synthetic 48x48 faces spread over the seven classes."""
+    jobs = []
+    per_class = -(-n // len(CLASSES))
+    for c, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for start in range(0, per_class, 2000):
+            jobs.append((str(folder), start, min(2000, per_class - start), c * 1_000_003 + start))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_write_faces, jobs))
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Model-only upper bounds
+
+
+def _timed_steps(step, warmup: int, repeats: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds for each of `repeats` runs of `steps` calls of step(), after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def model_only_train(image_size: int, batch: int, device: torch.device, amp: torch.dtype | None,
+                     compile_model: bool = False) -> float:
+    from ray_fer.model import build_model
+
+    model = build_model("none").to(device, memory_format=torch.channels_last).train()
+    if compile_model:
+        model = torch.compile(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, len(CLASSES), (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    steps = 20 if device.type == "cuda" else 3
+    times = _timed_steps(step, warmup=5 if device.type == "cuda" else 1, repeats=5, steps=steps, device=device)
+    return batch * steps / statistics.median(times)
+
+
+@torch.inference_mode()
+def model_only_infer(image_size: int, batch: int, device: torch.device, amp: torch.dtype | None) -> float:
+    from ray_fer.model import build_model
+
+    model = build_model("none").to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            torch.softmax(model(x).float(), dim=1)
+
+    steps = 20 if device.type == "cuda" else 5
+    times = _timed_steps(step, warmup=5 if device.type == "cuda" else 1, repeats=5, steps=steps, device=device)
+    return batch * steps / statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU sampling
+
+
+class GpuSampler:
+    """Samples GPU utilisation and memory with nvidia-smi every 200 ms while in a `with` block."""
+
+    def __init__(self) -> None:
+        self.util: list[float] = []
+        self.mem_mib: list[float] = []
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "GpuSampler":
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "200", "-i", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                u, m = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.util.append(u)
+            self.mem_mib.append(m)
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=5)
+
+    def summary(self) -> dict[str, float | None]:
+        busy = [u for u in self.util if u > 0]
+        return {
+            "gpu_util_median_pct": statistics.median(busy) if busy else None,
+            "gpu_util_mean_pct": statistics.fmean(self.util) if self.util else None,
+            "gpu_mem_peak_gib": max(self.mem_mib) / 1024 if self.mem_mib else None,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The pipelines
+
+
+def bench_train(data: Path, runs: Path, *, mode: str, image_size: int, batch_size: int, epochs: int,
+                compile_model: bool) -> dict:
+    from ray_fer.config import TrainJobConfig, load_config
+    from ray_fer.model import load_bundle
+    from ray_fer.train import run_training
+
+    cfg = load_config(TrainJobConfig, None, [
+        f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"data.image_size={image_size}",
+        f"train.batch_size={batch_size}", f"train.epochs={epochs}", "train.augment=standard",
+        f"train.compile={str(compile_model).lower()}", "run.num_workers=1",
+        f"run.use_gpu={'true' if mode == 'gpu' else 'false'}", f"run.storage_path={runs}", "run.name=bench",
+    ])
+    with GpuSampler() as gpu:
+        summary = run_training(cfg)
+    history = load_bundle(summary["model"])[0].history
+    rates = [h["train_images_per_s"] for h in history]
+    out = {"train_img_s_per_epoch": [round(r, 1) for r in rates],
+           "train_img_s": statistics.median(rates[1:]) if len(rates) > 1 else rates[0],
+           "train_gpu_mem_peak_torch_gib": history[-1].get("gpu_mem_peak_gb")}
+    return out | {f"train_{k}": v for k, v in gpu.summary().items()}
+
+
+def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
+    from ray_fer.config import InferConfig, load_config
+    from ray_fer.infer import label_images
+
+    rates = []
+    with GpuSampler() as gpu:
+        for i in range(repeats):
+            cfg = load_config(InferConfig, None, {"model": model, "input": str(data), "output": str(out_dir / f"r{i}")})
+            summary = label_images(cfg)
+            assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
+            rates.append(summary["images_per_s"])
+    return {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": summary["images"]} | {
+        f"label_{k}": v for k, v in gpu.summary().items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
+    ap.add_argument("--workdir", help="where synthetic data and outputs go (default: a temporary folder)")
+    ap.add_argument("--compile", action="store_true", help="also measure train.compile=true")
+    ap.add_argument("--label-repeats", type=int, default=3)
+    ap.add_argument("--out", help="write the results as JSON here too")
+    for key in ("image_size", "batch_size", "train_images", "label_images", "epochs"):
+        ap.add_argument("--" + key.replace("_", "-"), type=int)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    sizes = {k: getattr(args, k) or v for k, v in SIZES[mode].items()}
+    device = torch.device("cuda" if mode == "gpu" else "cpu")
+    cpus = os.cpu_count() or 1
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    results: dict = {"mode": mode, **sizes, "cpus": cpus,
+                     "device": torch.cuda.get_device_name(0) if mode == "gpu" else "cpu",
+                     "torch": torch.__version__, "ray": ray.__version__}
+    print(json.dumps(results), flush=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        make_image_folder(work / "fer" / "train", sizes["train_images"], cpus)
+        make_image_folder(work / "fer" / "val", max(700, sizes["train_images"] // 8), cpus)
+        make_image_folder(work / "label", sizes["label_images"], cpus)
+        print(f"synthetic data written in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        from ray_fer.infer import autocast_dtype
+        from ray_fer.train import amp_dtype_for
+        from ray_fer.config import TrainJobConfig, load_config
+
+        train_amp = amp_dtype_for(load_config(TrainJobConfig, None, ["data.train=x", "data.val=y"]), device)
+        infer_amp = autocast_dtype("auto", device)
+        results["train_model_only_img_s"] = model_only_train(sizes["image_size"], sizes["batch_size"], device, train_amp)
+        results["label_model_only_img_s"] = model_only_infer(sizes["image_size"], 512 if mode == "gpu" else 64,
+                                                             device, infer_amp)
+        print(json.dumps({k: results[k] for k in ("train_model_only_img_s", "label_model_only_img_s")}), flush=True)
+        if mode == "gpu":
+            torch.cuda.empty_cache()
+
+        ray.init(num_cpus=cpus, num_gpus=1 if mode == "gpu" else 0, include_dashboard=False, log_to_driver=False)
+        results |= bench_train(work / "fer", work / "runs", mode=mode, image_size=sizes["image_size"],
+                               batch_size=sizes["batch_size"], epochs=sizes["epochs"], compile_model=False)
+        results["train_ratio"] = results["train_img_s"] / results["train_model_only_img_s"]
+        print(json.dumps({k: v for k, v in results.items() if k.startswith("train")}), flush=True)
+        if args.compile:
+            compiled = bench_train(work / "fer", work / "runs-compiled", mode=mode, image_size=sizes["image_size"],
+                                   batch_size=sizes["batch_size"], epochs=sizes["epochs"], compile_model=True)
+            results["train_compiled_img_s"] = compiled["train_img_s"]
+            print(json.dumps({"train_compiled_img_s": compiled["train_img_s"]}), flush=True)
+        results |= bench_label(work / "label", str(work / "runs" / "bench" / "model.pt"), work / "labels",
+                               repeats=args.label_repeats)
+        results["label_ratio"] = results["label_img_s"] / results["label_model_only_img_s"]
+        ray.shutdown()
+
+    print()
+    print(f"mode {mode} on {results['device']}, {sizes['image_size']} px, {cpus} CPUs")
+    print(f"1. training   ray-fer {results['train_img_s']:9.0f} img/s   model-only {results['train_model_only_img_s']:9.0f}"
+          f" img/s   ratio {results['train_ratio']:.2f}   (GPU target >= 3,000 img/s and >= 0.80)")
+    print(f"2. labelling  ray-fer {results['label_img_s']:9.0f} img/s   model-only {results['label_model_only_img_s']:9.0f}"
+          f" img/s   ratio {results['label_ratio']:.2f}   (GPU target >= 12,000 img/s and >= 0.80)")
+    if mode == "gpu":
+        print(f"3. GPU        train: peak {results['train_gpu_mem_peak_gib']} GiB, median util "
+              f"{results['train_gpu_util_median_pct']}%   label: peak {results['label_gpu_mem_peak_gib']} GiB, "
+              f"median util {results['label_gpu_util_median_pct']}%")
+    print(json.dumps(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

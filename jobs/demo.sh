@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make demo`: train a small model on DATA (FER2013 by default) on this machine's local Ray
+# instance, label the validation folder with it, and evaluate it. About 5 minutes on 2 CPU cores.
+set -euo pipefail
+DATA=${DATA:-../shared/data/fer2013}
+RUNS=${RUNS:-./runs}
+OUT=${OUT:-./out}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # a private local instance on loopback
+
+if [ ! -d "$DATA/train" ]; then
+  echo "demo: no data set at '$DATA' (expected $DATA/train/<class>/*.jpg and $DATA/val/ or $DATA/validation/)." >&2
+  echo "demo: pass one with: make demo DATA=/path/to/fer2013   (e.g. the Kaggle 'face expression recognition' folder)" >&2
+  exit 1
+fi
+VAL=""
+for name in val validation Val Validation; do
+  if [ -d "$DATA/$name" ]; then VAL="$DATA/$name"; break; fi
+done
+if [ -z "$VAL" ]; then
+  echo "demo: '$DATA' has train/ but no val/ or validation/ folder; pass DATA=... with both" >&2
+  exit 1
+fi
+
+echo "== 1/3 training EfficientNet-B0 on $DATA/train (500 images per class, 64 px, 10 epochs) -> $RUNS/demo"
+echo "   (re-running resumes the finished run; delete $RUNS/demo for a fresh one)"
+ray-fer train --config jobs/demo.yaml \
+  --set data.train="$DATA/train" --set data.val="$VAL" --set run.storage_path="$RUNS" | tail -n 1
+MODEL="$RUNS/demo/model.pt"
+
+echo "== 2/3 labelling $VAL with $MODEL -> $OUT/labels"
+ray-fer infer --model "$MODEL" --input "$VAL" --output "$OUT/labels" --overwrite | tail -n 1
+python - "$OUT/labels" <<'PY'
+import sys
+import pyarrow.dataset as ds
+table = ds.dataset(sys.argv[1], format="parquet").to_table()
+cols = ["path", "label", "confidence", "prob_happy", "error"]
+print(table.select(cols).slice(0, 5).to_pandas().to_string(index=False, max_colwidth=60))
+print(f"... {table.num_rows} rows in {sys.argv[1]}")
+PY
+
+echo "== 3/3 evaluating $MODEL on $VAL -> $OUT/eval"
+ray-fer evaluate --model "$MODEL" --data "$VAL" --output "$OUT/eval" | tail -n 1
+echo "pictures: $OUT/eval/confusion_matrix.png  $RUNS/demo/curves.png   report: $OUT/eval/report.md"
