@@ -27,11 +27,77 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     return run_training(load_config(TrainJobConfig, args.config, args.overrides))
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and a confusion matrix on a labelled folder")
+    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, or its run folder")
+    p.add_argument("--data", required=True, help="labelled image folder <class>/*.jpg (local or s3://), "
+                   "e.g. ../shared/data/fer2013/val")
+    p.add_argument("--output", help="folder for metrics.json, confusion_matrix.png and report.md "
+                   "(default: <model folder>/eval/<data folder>-<tta>)")
+    p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
+    p.add_argument("--precision", default="auto", help="auto (as labelling: bf16 where the hardware has it), "
+                   "bf16 or fp32 (default: auto)")
+    p.add_argument("--limit-per-class", type=int, metavar="N", help="evaluate at most N images per class")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.evaluate import evaluate_folder
+
+    return evaluate_folder(args.model, args.data, output=args.output, tta=args.tta, precision=args.precision,
+                           limit_per_class=args.limit_per_class)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="training curves (curves.png) and per-epoch metrics.csv of a run")
+    p.add_argument("run", metavar="RUN", help="run folder <run.storage_path>/<run.name> (local or s3://)")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.evaluate import report_run
+
+    return report_run(args.run)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="label a few image files and show the top probabilities")
+    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, or its run folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
+    p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: 3)")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.evaluate import format_predictions, predict_files
+
+    result = predict_files(args.model, args.images, tta=args.tta, top=args.top)
+    print(format_predictions(result), flush=True)
+    return result
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="two evaluations side by side, per class")
+    p.add_argument("a", metavar="A", help="metrics.json of the first evaluation (or its folder)")
+    p.add_argument("b", metavar="B", help="metrics.json of the second evaluation (or its folder)")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.evaluate import compare_metrics, format_comparison, load_metrics
+
+    a, b = load_metrics(args.a), load_metrics(args.b)
+    cmp = compare_metrics(a, b)
+    print(format_comparison(a, b, cmp, names=(args.a, args.b)), flush=True)
+    return cmp
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-fer", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train,):
+    for add in (_add_train, _add_evaluate, _add_report, _add_predict, _add_compare):
         add(sub)
     return parser
 
