@@ -300,11 +300,14 @@ def test_evaluate_fer_val_subset_end_to_end(ray_local, fer_root, bundle_path, tm
         pixels = decode_image(open(path, "rb").read(), 48)[0]
         (flipped / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])).save(flipped / CLASSES[label] / f"{Path(path).stem}.png")
+    (flipped / "angry" / "broken.png").write_bytes(b"\x89PNG truncated")  # counted, not fatal
     mirror = ev.evaluate_folder(bundle_path, str(flipped), output=str(tmp_path / "mirror"), precision="fp32")
+    assert mirror["images"] == 21 and mirror["errors"] == 1
     tta = ev.evaluate_folder(bundle_path, val, output=f"s3://{s3_bucket}/eval/flip", tta="flip",
                              precision="fp32", limit_per_class=3)
     assert tta["report"] == f"s3://{s3_bucket}/eval/flip/report.md" and storage.exists(tta["confusion_matrix"])
     mirror_rows, tta_rows = _read_predictions(mirror["predictions"]), _read_predictions(tta["predictions"])
+    assert mirror_rows.pop("broken")["error"]
     assert set(tta_rows) == set(rows) == set(mirror_rows)
     for key, row in tta_rows.items():
         for c in CLASSES:
