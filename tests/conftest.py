@@ -1,8 +1,17 @@
-"""Shared fixtures: the FER2013 data, one local Ray instance per session, a real S3 server on loopback."""
+"""Shared fixtures: the FER2013 data, one local Ray instance per session, a real S3 server on loopback,
+and a real two-node Ray cluster started with `ray start`."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,3 +90,164 @@ def ray_local(s3_server):
                  runtime_env={"env_vars": {k: os.environ[k] for k in _AWS_VARS}})
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# A real multi-node Ray cluster on this machine, started with `ray start` as a user would
+
+
+@dataclass
+class LoopbackCluster:
+    dashboard_url: str  # dashboard and job API on 127.0.0.1: JobSubmissionClient(dashboard_url)
+    gcs_address: str  # what `ray start --address` and ray.init(address=...) take
+    temp_dir: Path  # each node's --temp-dir (sessions, logs) and `ray start` output are under it
+    env: dict[str, str]  # the environment every node (and so every job) runs with
+
+
+CLUSTER_NODES = 2
+CLUSTER_CPUS_PER_NODE = 1  # two 1-CPU nodes: a 2-worker training run must span both
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server) -> LoopbackCluster:
+    """A two-node Ray cluster: a head (GCS, dashboard and job server on 127.0.0.1) and a second
+    node joined with `ray start --address`, each a `ray start --block` process of its own.
+
+    Its own ports and --temp-dir keep it apart from `ray_local`'s in-process instance (a plain
+    `ray stop` would kill that one too, so it is never used). Every node runs from this venv with
+    the loopback S3 settings in its environment. Stopped at the end of the session, also after a
+    failure, and then checked: none of its processes may be left running.
+    """
+    from ray.util.state import list_nodes
+
+    venv_bin = Path(sys.executable).parent
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rfc-", dir="/tmp"))
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # on SIGTERM, stop now: no 30 s drain per node
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    nodes: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        # A --temp-dir per node, as on separate machines: nodes sharing one would each forward
+        # every worker's log lines to the job driver, so a job's log would hold them twice.
+        (temp_dir / name).mkdir()
+        with open(temp_dir / f"{name}.out", "wb") as out:
+            nodes.append(subprocess.Popen(
+                [str(venv_bin / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir / name}",
+                 f"--num-cpus={CLUSTER_CPUS_PER_NODE}", "--num-gpus=0", f"--object-store-memory={256 * 2**20}",
+                 f"--dashboard-agent-listen-port={_free_port()}", *args],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: Ctrl-C in pytest does not reach it
+            ))
+
+    try:
+        start("head", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+              f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}")
+        # `ray start` writes the GCS address here once the head is up (Ray replaces 127.0.0.1
+        # with this machine's address for node-to-node traffic).
+        address_file = temp_dir / "head" / "ray_current_cluster"
+        _wait_for("the head node", nodes, temp_dir, lambda: address_file.is_file() and _http_ok(
+            dashboard_url + "/api/version"))
+        gcs_address = address_file.read_text().strip()
+        for i in range(1, CLUSTER_NODES):
+            start(f"node{i}", f"--address={gcs_address}")
+        _wait_for(f"{CLUSTER_NODES} alive nodes", nodes, temp_dir, lambda: len(
+            list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")])) == CLUSTER_NODES)
+        yield LoopbackCluster(dashboard_url, gcs_address, temp_dir, env)
+    finally:
+        left = _stop_nodes(nodes, temp_dir)
+    if left:
+        raise AssertionError(f"processes of the test cluster were left running and got killed: {left}; "
+                             f"its logs are kept in {temp_dir}")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _wait_for(what: str, nodes: list[subprocess.Popen], temp_dir: Path, ready, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - the servers are still coming up
+            pass
+        dead = [n for n in nodes if n.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            outputs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                                for p in sorted(temp_dir.glob("*.out")))
+            reason = f"`ray start` exited with {dead[0].returncode}" if dead else f"not ready after {timeout_s:.0f}s"
+            raise RuntimeError(f"test cluster: waiting for {what}: {reason}\n{outputs}")
+        time.sleep(0.5)
+
+
+def _stop_nodes(nodes: list[subprocess.Popen], temp_dir: Path) -> list[str]:
+    """Stop the `ray start --block` processes (each stops its node's Ray processes on SIGTERM),
+    then kill whatever of theirs survived: workers, job drivers. Returns what had to be killed."""
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    tree: dict[int, psutil.Process] = {}
+    for node in nodes:
+        try:
+            root = psutil.Process(node.pid)
+            tree.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            pass
+    for node in reversed(nodes):  # worker nodes first, the head last
+        if node.poll() is None:
+            node.terminate()
+    for node in reversed(nodes):
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    # Helpers such as the dashboard's multiprocessing forkserver exit shortly after their parent.
+    _, survivors = psutil.wait_procs([p for p in tree.values() if _alive(p)], timeout=10)
+    # Anything else still working in the cluster's temp dir (e.g. a job driver's working_dir).
+    survivors += [p for p in psutil.process_iter()
+                  if p.pid not in tree and p.pid != os.getpid() and _uses_dir(p, str(temp_dir))]
+    left = []
+    for p in survivors:
+        try:
+            left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(survivors, timeout=10)
+    return left
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _uses_dir(p, directory: str) -> bool:
+    import psutil
+
+    try:
+        return directory in " ".join(p.cmdline()) or (p.cwd() + os.sep).startswith(directory + os.sep)
+    except psutil.Error:
+        return False

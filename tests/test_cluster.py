@@ -1,13 +1,19 @@
-"""The cluster path: cluster.yaml passes Ray's own validator."""
+"""The cluster path: cluster.yaml passes Ray's own validator, and jobs run on a real two-node Ray
+cluster (`ray start`, loopback) with the S3 settings of a real S3-compatible server (moto)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,3 +60,70 @@ def test_cluster_yaml_turns_on_token_auth_on_every_node(cluster_config):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cluster_config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+
+
+# --------------------------------------------------------------------------------------------
+# The job entrypoints and their configs, without a cluster
+
+
+@pytest.mark.parametrize("job", ["train", "evaluate"])
+def test_job_entrypoint_is_the_cli_command(job):
+    out = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: ray-fer {job} "), out.stdout
+
+
+@pytest.mark.parametrize("job, cls", [("train", "TrainJobConfig")])
+def test_job_configs_are_valid_and_point_at_s3(job, cls):
+    from ray_fer import config
+
+    cfg = config.to_dict(config.load_config(getattr(config, cls), REPO / "jobs" / f"{job}.yaml"))
+    paths = [v for section in cfg.values() for v in (section.values() if isinstance(section, dict) else [section])
+             if isinstance(v, str) and "/" in v]
+    assert paths and all(p.startswith("s3://") for p in paths), paths
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs on a real two-node cluster
+
+
+def _submit(cluster, entrypoint: str, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    return client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=submission_id,
+        runtime_env={
+            # As `--working-dir .` does: Ray leaves out .git, .venv and what .gitignore names (runs/, out/).
+            "working_dir": str(REPO),
+            "env_vars": {k: cluster.env[k] for k in cluster.env if k.startswith("AWS_")},
+        },
+    )
+
+
+def _wait(cluster, job_id: str, timeout_s: float) -> tuple[str, str]:
+    """(final status, logs) of a job; stops it and fails the test if it runs past timeout_s."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            pytest.fail(f"job {job_id} still {status} after {timeout_s:.0f}s; logs:\n"
+                        + client.get_job_logs(job_id)[-5000:])
+        time.sleep(1)
+    return status, client.get_job_logs(job_id)
+
+
+
+@pytest.mark.cluster
+def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    job = _submit(ray_cluster, "python jobs/train.py --config jobs/train.yaml --set train.optimizer=sgdd", "bad")
+    status, logs = _wait(ray_cluster, job, 60)
+    assert status == "FAILED", logs
+    assert "train.optimizer: 'sgdd' is not valid; choose one of: adam, adamw, sgd" in logs
+    assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(job).driver_exit_code == 2
