@@ -57,6 +57,7 @@ def test_cluster_yaml_installs_the_pinned_versions(cluster_config):
 
 def test_cluster_yaml_turns_on_token_auth_on_every_node(cluster_config):
     assert "~/.ray/auth_token" in cluster_config["file_mounts"]
+    assert any("export RAY_AUTH_MODE=token" in c for c in cluster_config["setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cluster_config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
