@@ -128,3 +128,16 @@ def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(ray_cluster):
     assert status == "FAILED", logs
     assert "train.optimizer: 'sgdd' is not valid; choose one of: adam, adamw, sgd" in logs
     assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(job).driver_exit_code == 2
+
+
+@pytest.mark.cluster
+def test_local_storage_on_several_nodes_fails_the_job_with_the_fix(ray_cluster, fer_root, tmp_path):
+    job = _submit(ray_cluster, " ".join([
+        "python jobs/train.py --config jobs/train.yaml",
+        f"--set data.train={fer_root}/train --set data.val={fer_root}/val --set data.limit_per_class=1",
+        f"--set model.weights=none --set run.storage_path={tmp_path}",
+    ]), "local-storage")
+    status, logs = _wait(ray_cluster, job, 60)
+    assert status == "FAILED", logs
+    assert f"run.storage_path {str(tmp_path)!r} is local, but the cluster has 2 nodes" in logs
+    assert "Use s3://BUCKET/PREFIX" in logs
