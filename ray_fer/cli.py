@@ -4,10 +4,11 @@ its JSON summary as the last line of stdout. User errors print one line and exit
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ray_fer.config import UserError
 
@@ -25,6 +26,30 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.train import run_training
 
     return run_training(load_config(TrainJobConfig, args.config, args.overrides))
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="label an image folder, s3:// prefix or manifest into a Parquet data set")
+    p.add_argument("--model", help="model.pt written by `ray-fer train` (local or s3://)")
+    p.add_argument("--input", help="image folder, s3://bucket/prefix, or a .parquet/.csv manifest with a path column")
+    p.add_argument("--output", help="folder or s3://bucket/prefix for the Parquet data set")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    p.add_argument("--skip-existing", action="store_true", default=None,
+                   help="label only the images not yet in the output (finishes a crashed job)")
+    p.add_argument("--config", help="YAML config with the same keys; flags and --set override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set batch_size=128 or --set precision=fp32 (repeatable)")
+    p.set_defaults(func=_infer)
+
+
+def _infer(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.config import InferConfig, load_config, parse_overrides
+    from ray_fer.infer import label_images
+
+    flags = {"model": args.model, "input": args.input, "output": args.output,
+             "overwrite": args.overwrite, "skip_existing": args.skip_existing}
+    overrides = parse_overrides(args.overrides) | {k: v for k, v in flags.items() if v is not None}
+    return label_images(load_config(InferConfig, args.config, overrides))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -93,11 +118,34 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     return cmp
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem, a close match for a mistyped option, where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = _option_strings(self)
+            hints = [match[0] for word in message.split(":", 1)[1].split()
+                     if word.startswith("--") and (match := difflib.get_close_matches(word.split("=")[0], known, n=1))]
+            if hints:
+                message += f" (did you mean {', '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    options: list[str] = []
+    for action in parser._actions:
+        options += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                options += _option_strings(child)
+    return sorted(set(options))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ray-fer", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="ray-fer", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_report, _add_predict, _add_compare):
+    for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare):
         add(sub)
     return parser
 
