@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -403,7 +404,7 @@ def evaluate_folder(
         raise UserError(f"model {model_uri!r} predicts {', '.join(bundle.classes)}; evaluation needs {', '.join(CLASSES)}")
     table = _list_labelled(data, limit_per_class)
     if output is None:
-        output = storage.join(model_uri.rsplit("/", 1)[0], "eval", f"{storage.basename(data)}-{tta}")
+        output = _default_output(model_uri, data, tta)
     log.info("evaluating model %s on %d images of %s (tta %s) into %s", model_id, table.num_rows, data, tta, output)
 
     t0 = time.perf_counter()
@@ -451,6 +452,15 @@ def evaluate_folder(
         "images": metrics["num_images"], "errors": len(failed), "tta": tta, "model": model_id,
         "seconds": metrics["seconds"], "images_per_s": metrics["images_per_s"], "output": output, **paths,
     }
+
+
+def _default_output(model_uri: str, data: str, tta: str) -> str:
+    """<model folder>/eval/<data folder name>-<tta>: a run's evaluations collect beside its model."""
+    if not storage.is_remote(model_uri):
+        model_uri = os.path.abspath(model_uri)
+    if not storage.is_remote(data):
+        data = os.path.abspath(data)
+    return storage.join(model_uri.rsplit("/", 1)[0], "eval", f"{storage.basename(data)}-{tta}")
 
 
 def _list_labelled(data: str, limit_per_class: int | None):
