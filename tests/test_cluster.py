@@ -1,5 +1,6 @@
-"""The cluster path: cluster.yaml passes Ray's own validator, and jobs run on a real two-node Ray
-cluster (`ray start`, loopback) with the S3 settings of a real S3-compatible server (moto)."""
+"""The cluster path: cluster.yaml passes Ray's own validator, and training and labelling run as Ray
+jobs on a real two-node Ray cluster (`ray start`, loopback) with runs and outputs in a real
+S3-compatible server (moto)."""
 
 from __future__ import annotations
 
@@ -67,14 +68,14 @@ def test_cluster_yaml_turns_on_token_auth_on_every_node(cluster_config):
 # The job entrypoints and their configs, without a cluster
 
 
-@pytest.mark.parametrize("job", ["train", "evaluate"])
+@pytest.mark.parametrize("job", ["train", "infer", "evaluate"])
 def test_job_entrypoint_is_the_cli_command(job):
     out = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: ray-fer {job} "), out.stdout
 
 
-@pytest.mark.parametrize("job, cls", [("train", "TrainJobConfig")])
+@pytest.mark.parametrize("job, cls", [("train", "TrainJobConfig"), ("infer", "InferConfig")])
 def test_job_configs_are_valid_and_point_at_s3(job, cls):
     from ray_fer import config
 
@@ -117,6 +118,64 @@ def _wait(cluster, job_id: str, timeout_s: float) -> tuple[str, str]:
         time.sleep(1)
     return status, client.get_job_logs(job_id)
 
+
+PER_CLASS = 6  # images per class and split uploaded to the bucket
+
+
+@pytest.fixture
+def fer_in_s3(s3_bucket, fer_root) -> dict[str, int]:
+    """A small FER2013 subset uploaded to the bucket as s3://BUCKET/fer/<split>/<class>/*.jpg;
+    returns the image count per split."""
+    import boto3
+
+    client = boto3.client("s3")
+    counts = {}
+    for split in ("train", "val"):
+        files = [f for d in sorted((fer_root / split).iterdir()) for f in sorted(d.glob("*.jpg"))[:PER_CLASS]]
+        for f in files:
+            client.put_object(Bucket=s3_bucket, Key=f"fer/{split}/{f.parent.name}/{f.name}", Body=f.read_bytes())
+        counts[split] = len(files)
+    return counts
+
+
+@pytest.mark.cluster
+def test_train_then_label_as_ray_jobs_on_two_nodes_with_s3(ray_cluster, s3_bucket, fer_in_s3):
+    import boto3
+    import pyarrow.parquet as pq
+    from ray.util.state import list_actors
+
+    from ray_fer import storage
+
+    bucket = f"s3://{s3_bucket}"
+    train = _submit(ray_cluster, " ".join([
+        "python jobs/train.py --config jobs/train.yaml",
+        f"--set data.train={bucket}/fer/train --set data.val={bucket}/fer/val",
+        "--set data.image_size=32 --set model.weights=none --set train.epochs=1 --set train.batch_size=8",
+        f"--set run.name=cluster --set run.storage_path={bucket}/runs --set run.num_workers=2 --set run.use_gpu=false",
+    ]), "train")
+    status, logs = _wait(ray_cluster, train, 240)
+    assert status == "SUCCEEDED", logs[-5000:]
+    summary = json.loads(logs.splitlines()[-1])
+    assert summary["model"] == f"{bucket}/runs/cluster/model.pt"
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/cluster/")
+    keys = {o["Key"] for o in listing["Contents"]}
+    assert {"runs/cluster/model.pt", "runs/cluster/config.yaml"} <= keys
+    assert any(k.startswith("runs/cluster/checkpoint_") for k in keys), sorted(keys)
+    workers = list_actors(address=ray_cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")])
+    assert len({w.node_id for w in workers}) == 2, "the two training workers should run on different nodes"
+
+    label = _submit(ray_cluster, " ".join([
+        "python jobs/infer.py --config jobs/infer.yaml",
+        f"--set model={summary['model']} --set input={bucket}/fer/val --set output={bucket}/labels",
+        "--set device=auto",
+    ]), "label")
+    status, logs = _wait(ray_cluster, label, 180)
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert json.loads(logs.splitlines()[-1])["images"] == fer_in_s3["val"]
+    fs, path = storage.filesystem(f"{bucket}/labels")
+    labels = pq.read_table(path, filesystem=fs)  # the Parquet files; _SUCCESS is skipped
+    assert labels.num_rows == fer_in_s3["val"]
+    assert labels["error"].null_count == labels.num_rows
 
 
 @pytest.mark.cluster
