@@ -434,7 +434,7 @@ def evaluate_folder(
     metrics = {
         "model": {"uri": model_uri, "id": model_id, "image_size": bundle.image_size,
                   "decode_size": bundle.decode_size},
-        "data": data,
+        "data": data if storage.is_remote(data) else os.path.abspath(data),  # compare matches on it
         "tta": tta,
         "precision": precision,
         "num_errors": len(failed),
