@@ -47,11 +47,11 @@ def test_cluster_yaml_cpu_head_and_gpu_workers_from_zero(cluster_config):
 
 
 def test_cluster_yaml_installs_the_pinned_versions(cluster_config):
+    import ray
+
     setup = "\n".join(cluster_config["setup_commands"])
     assert "-c ~/ray-fer/constraints.txt ~/ray-fer" in setup
     assert cluster_config["file_mounts"]["~/ray-fer"] == "."
-    import ray
-
     pins = (REPO / "constraints.txt").read_text()
     assert f"ray=={ray.__version__}" in pins, "the cluster must run the Ray version the client runs"
 
@@ -99,6 +99,7 @@ def _submit(cluster, entrypoint: str, submission_id: str) -> str:
         runtime_env={
             # As `--working-dir .` does: Ray leaves out .git, .venv and what .gitignore names (runs/, out/).
             "working_dir": str(REPO),
+            # As for an S3-compatible store: a job's env_vars reach its driver and every worker.
             "env_vars": {k: cluster.env[k] for k in cluster.env if k.startswith("AWS_")},
         },
     )
