@@ -245,6 +245,8 @@ def plan_predictors(
     if cpus < 1:
         raise InferError(f"the Ray cluster has {cpus:g} CPUs; labelling needs at least 1 for reading and decoding")
     decode_cpus = 1.0 if cpus >= 2 else 0.5
+    # declare at most half the cluster's memory across the pool: a small laptop must not wait for ever
+    memory_total = float(resources.get("memory", 0)) or 2.0 * PREDICTOR_MEMORY * max(gpus, 1)
     if device == "gpu" and gpus == 0:
         raise InferError("device=gpu but the Ray cluster has no GPUs; use --set device=auto or device=cpu")
     if device != "cpu" and gpus > 0:
@@ -254,7 +256,7 @@ def plan_predictors(
         # one CPU per actor for its host-side work, unless that would leave none for decoding
         return PredictorPlan(device="gpu", actors=n, num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or 512, tasks_in_flight=4,
-                             memory=PREDICTOR_MEMORY, decode_cpus=decode_cpus)
+                             memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: the model costs ~10x the decode per image, so actors get the CPUs less one for decoding;
     # on small machines the reservation is a scheduling share while the torch threads use every core.
     usable = cpus - decode_cpus
@@ -262,7 +264,7 @@ def plan_predictors(
     threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
     return PredictorPlan(device="cpu", actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
                          threads=threads, batch_size=batch_size or 64, tasks_in_flight=2,
-                         memory=PREDICTOR_MEMORY, decode_cpus=decode_cpus)
+                         memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
 
 def decoded_dataset(
@@ -583,9 +585,10 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
             todo, bundle, model_id=model_id, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
             batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
         )
+        # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
         ds = ds.map_batches(_to_output, fn_kwargs={"schema": output_schema(bundle.classes)},
-                            batch_format="pyarrow", batch_size=None)
-        ds.write_parquet(cfg.output, min_rows_per_file=ROWS_PER_FILE)
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        ds.write_parquet(cfg.output, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
     counts = count_output(cfg.output)
     expected = len(done) + todo.num_rows
     if counts["images"] != expected:  # a bug or a concurrent writer, not bad input: no _SUCCESS
