@@ -23,9 +23,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.config import TrainJobConfig, load_config
+
+    cfg = load_config(TrainJobConfig, args.config, args.overrides)  # before importing torch and Ray: fast errors
     from ray_fer.train import run_training
 
-    return run_training(load_config(TrainJobConfig, args.config, args.overrides))
+    return run_training(cfg)
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:

@@ -334,15 +334,20 @@ def check_inputs(cfg: TrainJobConfig):
     return train_table, val_table
 
 
-def _resources(cfg: TrainJobConfig) -> tuple[bool, int]:
+def _resources(cfg: TrainJobConfig, started_here: bool) -> tuple[bool, int]:
     """(use_gpu, CPUs per worker) from the config and the running cluster."""
     import ray
 
     total = ray.cluster_resources()
     use_gpu = cfg.run.use_gpu if cfg.run.use_gpu != "auto" else total.get("GPU", 0) >= 1
-    if use_gpu and total.get("GPU", 0) < cfg.run.num_workers:
-        raise ConfigError(f"run.use_gpu is true with run.num_workers={cfg.run.num_workers}, but the cluster has "
-                          f"{int(total.get('GPU', 0))} GPUs; lower run.num_workers or set run.use_gpu=false")
+    gpus = int(total.get("GPU", 0))
+    if use_gpu and gpus < cfg.run.num_workers:
+        if started_here:  # a private local instance has no autoscaler: it would wait for ever
+            raise ConfigError(f"run.use_gpu is true with run.num_workers={cfg.run.num_workers}, but this machine "
+                              f"has {gpus} GPUs; lower run.num_workers or set run.use_gpu=false")
+        log.warning("the cluster has %d GPUs now and the run needs %d: Ray Train waits for the autoscaler "
+                    "to add them (on a cluster without one it waits for ever: stop the job and lower "
+                    "run.num_workers)", gpus, cfg.run.num_workers)
     if cfg.run.cpus_per_worker is not None:
         return use_gpu, cfg.run.cpus_per_worker
     if use_gpu:
@@ -371,10 +376,11 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
     cfg.check()
     train_table, val_table = check_inputs(cfg)
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS (e.g. inside a Ray job) or starts a local instance
     _check_storage_is_shared(cfg)
-    use_gpu, threads = _resources(cfg)
+    use_gpu, threads = _resources(cfg, started_here)
     out_dir = run_dir(cfg)
     storage.write_bytes(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg).encode())
 
