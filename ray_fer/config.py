@@ -136,7 +136,7 @@ class InferConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: one predictor per GPU when the cluster has GPUs
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16
     tta: Literal["none", "flip", "tencrop"] = "none"  # test-time views whose probabilities are averaged
-    batch_size: int | None = None  # images per predictor call; default 64 on CPU, 512 on GPU
+    batch_size: int | None = None  # images per predictor call; default 128 on CPU, 512 on GPU
     decode_batch_size: int = 512  # images per read-and-decode task
     actors: int | None = None  # predictor actors; default: one per GPU, else sized from the cluster's CPUs
 

@@ -13,7 +13,6 @@ actor) and `prediction_dataset` (the lazy chain over a table of paths).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -47,6 +46,9 @@ ROWS_PER_FILE = 100_000  # target rows per Parquet file: few files, each small e
 # ask for the same resources (ray-project/ray#54433): decoding must stay on its own CPU tasks.
 PREDICTOR_MEMORY = 2 * 1024**3
 PREDICTION_COLUMNS = ("label", "confidence")  # plus prob_<class>, error and model; see Predictor
+
+
+FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 under autocast
 
 
 class InferError(UserError):
@@ -111,14 +113,49 @@ def predict_probs(
     total: torch.Tensor | None = None
     views = tta_views(pixels, tta)
     for view in views:
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = model(preset(view))
+        logits = _forward(model, preset(view), autocast_dtype)
         probs = torch.softmax(logits.float(), dim=1)
         total = probs if total is None else total + probs
     assert total is not None
     return total / len(views)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The model's logits; under autocast the stem and first stage of an EfficientNet stay fp32.
+
+    Rounding errors made at full resolution propagate through every later layer: on FER2013 val,
+    full bf16 autocast flipped 0.7% of a trained model's labels, and with these FP32_STAGES in fp32
+    0.3%, for about 5% of the model's FLOPs (measured; see bench/bench_infer.py).
+    """
+    if autocast_dtype is None:
+        return model(x)
+    autocast = torch.autocast(x.device.type, dtype=autocast_dtype)
+    features = getattr(model, "features", None)
+    if not isinstance(features, torch.nn.Sequential) or not hasattr(model, "classifier"):
+        with autocast:
+            return model(x)
+    x = features[:FP32_STAGES](x)
+    with autocast:  # the rest of torchvision's EfficientNet.forward
+        x = features[FP32_STAGES:](x)
+        return model.classifier(torch.flatten(model.avgpool(x), 1))
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold each eval-mode BatchNorm into the convolution before it (in place; returns the model).
+
+    The same function with one pass fewer over every activation: about 1.2-1.5x faster
+    EfficientNet-B0 inference on CPU (measured at 64 px). torchvision's Conv2dNormActivation
+    blocks hold every conv + batch-norm pair.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    assert not model.training, "fold the batch norms of a model in eval mode only"
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Sequential) and len(module) >= 2
+                and isinstance(module[0], torch.nn.Conv2d) and isinstance(module[1], torch.nn.BatchNorm2d)):
+            module[0] = fuse_conv_bn_eval(module[0], module[1])
+            module[1] = torch.nn.Identity()
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +196,7 @@ class Predictor:
             torch.set_num_threads(threads)
         use_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.net = model.build_model().to(self.device, memory_format=torch.channels_last)
+        self.net = fold_batchnorm(model.build_model()).to(self.device, memory_format=torch.channels_last)
         self.preset = model.eval_preset(channels_last=True)
         self.autocast = autocast_dtype(precision, self.device)
         self.classes = tuple(model.classes)
@@ -263,7 +300,7 @@ def plan_predictors(
     n = actors or max(1, int(usable // 2) if usable >= 4 else 1)
     threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
     return PredictorPlan(device="cpu", actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
-                         threads=threads, batch_size=batch_size or 64, tasks_in_flight=2,
+                         threads=threads, batch_size=batch_size or 128, tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
 

@@ -77,28 +77,34 @@ def random_bundle(fer_root, tmp_path_factory) -> str:
     return str(path)
 
 
+TRAIN_RECIPE = {"per_class": 1000, "epochs": 5, "image_size": 48, "lr": 1e-3, "seed": 0}
+
+
 @pytest.fixture(scope="module")
-def trained_bundle(fer_root, tmp_path_factory) -> str:
-    """EfficientNet-B0 trained from scratch for a few epochs on a balanced FER2013 subset at 48 px:
-    past the near-uniform start, so its margins are those of a model that has learnt something."""
+def trained_bundle(request, fer_root, tmp_path_factory) -> str:
+    """EfficientNet-B0 trained from scratch on a balanced FER2013 subset (TRAIN_RECIPE; about two
+    minutes on 2 cores), kept in pytest's cache so that later runs reuse it."""
     from ray_fer.images import train_preset
     from ray_fer.train import train_one_epoch
 
-    torch.manual_seed(0)
-    x, y = _fer_pixels(fer_root, "train", TRAIN_PER_CLASS)
+    key = "-".join(f"{k}{v}" for k, v in TRAIN_RECIPE.items())
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("ray-fer-models") if cache is not None else tmp_path_factory.mktemp("models")
+    path = Path(folder) / f"trained-{key}.pt"
+    if path.exists():
+        return str(path)
+    torch.manual_seed(TRAIN_RECIPE["seed"])
+    x, y = _fer_pixels(fer_root, "train", TRAIN_RECIPE["per_class"])
     model = build_model("none").to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    preset = train_preset("flip_rotate", image_size=48)
-    for _ in range(TRAIN_EPOCHS):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_RECIPE["lr"], weight_decay=0.05)
+    preset = train_preset("flip_rotate", image_size=TRAIN_RECIPE["image_size"])
+    for _ in range(TRAIN_RECIPE["epochs"]):
         order = torch.randperm(len(x))
-        batches = [{"image": x[order[i:i + 32]], "label": y[order[i:i + 32]]} for i in range(0, len(x), 32)]
+        batches = [{"image": x[order[i:i + 64]], "label": y[order[i:i + 64]]} for i in range(0, len(x), 64)]
         train_one_epoch(model, batches, preset, optimizer, device=torch.device("cpu"))
-    path = tmp_path_factory.mktemp("models") / "trained.pt"
-    save_bundle(ModelBundle(state_dict=model.eval().state_dict(), image_size=48, decode_size=48), str(path))
+    bundle = ModelBundle(state_dict=model.eval().state_dict(), image_size=TRAIN_RECIPE["image_size"], decode_size=48)
+    save_bundle(bundle, str(path))
     return str(path)
-
-
-TRAIN_PER_CLASS, TRAIN_EPOCHS = 300, 3
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +156,17 @@ def test_predict_probs_flip_averages_the_mirror_image(tiny_bundle):
     assert predict_probs(net, preset, pixels, tta="tencrop").shape == (3, 7)
     with pytest.raises(ValueError, match="none, flip, tencrop"):
         predict_probs(net, preset, pixels, tta="mirror")
+
+
+def test_folded_batchnorm_gives_the_same_probabilities(tiny_bundle):
+    from ray_fer.infer import fold_batchnorm
+
+    bundle, _ = load_bundle(tiny_bundle)
+    pixels = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8)
+    plain = predict_probs(bundle.build_model(), bundle.eval_preset(), pixels)
+    folded = fold_batchnorm(bundle.build_model())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(predict_probs(folded, bundle.eval_preset(), pixels), plain, atol=1e-5)
 
 
 def test_precision_settings():
@@ -232,6 +249,12 @@ def test_cpu_plan_leaves_a_cpu_for_decoding(cpus):
     assert plan.device == "cpu" and plan.num_gpus == 0
     assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus
     assert 1 <= plan.threads <= cpus and plan.memory > 0
+
+
+def test_plan_declares_memory_the_cluster_has():
+    assert plan_predictors({"CPU": 2, "memory": 16 * 1024**3}).memory == 2 * 1024**3
+    small = plan_predictors({"CPU": 4, "memory": 2 * 1024**3}, actors=2)
+    assert 0 < small.actors * small.memory <= 1024**3
 
 
 def test_gpu_plan_is_one_actor_per_gpu():
@@ -436,7 +459,7 @@ def test_fer_images_and_odd_files_one_row_each(ray_local, fer_root, random_bundl
     paths = good["path"].to_pylist()
     direct = _direct_probs(random_bundle, paths)
     assert good["label"].to_pylist() == [CLASSES[i] for i in direct.argmax(axis=1)]
-    assert np.allclose(probs, direct, atol=1e-4)
+    assert np.allclose(probs, direct, atol=1e-3)  # batch-norm folding changes the rounding only
 
     # the _SUCCESS file, written last, holds the counts, the model identity and the timing
     success = json.loads((out / SUCCESS_FILE).read_text())
@@ -541,6 +564,7 @@ def test_cli_as_a_user_runs_it(fer_root, random_bundle, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (auto precision is fp32 here)")
 def test_bf16_labels_agree_with_fp32_on_fer_val(fer_root, trained_bundle):
     bundle, _ = load_bundle(trained_bundle)
