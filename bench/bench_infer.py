@@ -1,0 +1,277 @@
+"""Labelling benchmark (prints figures; not a test). One run, medians of several repetitions.
+
+1. ingest only (list + read + decode + preprocess, no model): this pipeline's read-and-decode
+   stage vs `ray.data.read_images` vs a plain single-process PIL loop;
+2. end to end (files -> Parquet) with EfficientNet-B0 at image_size 64: `label_images` vs a plain
+   PyTorch loop (ImageFolder + DataLoader + fp32 model + pandas to Parquet);
+3. the model call alone: fp32 NCHW vs channels_last vs channels_last + bf16 autocast, and how often
+   bf16 and fp32 labels agree.
+
+    .venv/bin/python bench/bench_infer.py [--data ../shared/data/fer2013/val] [--model model.pt]
+
+Without --model a bundle with random weights (image_size 64) is written to a temporary folder: speed
+does not depend on the weights, but label agreement does, so pass a trained bundle for (3). Ray is
+started once before the timings (a running cluster, as a user has); the pipeline's own start-up
+(listing, model load, predictor actor start) is inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013" / "val"
+
+
+def median_rates(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Run each fn (returns the number of images it handled) `repeats` times, taking turns so that
+    a busy neighbour slows every variant alike; median seconds and rate of each."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    counts: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            counts[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    out = {}
+    for name, secs in seconds.items():
+        med = statistics.median(secs)
+        out[name] = {"images": counts[name], "seconds": round(med, 3), "images_per_s": round(counts[name] / med, 1),
+                     "all_seconds": [round(s, 3) for s in secs]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Ingest
+
+
+def _preprocess_count(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    from ray_fer.images import EvalPreset
+
+    x = EvalPreset(image_size=image_size)(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+    return {"n": np.array([x.shape[0]])}  # the floats stay in the task, as in a predictor
+
+
+def ingest_pipeline(data: str, image_size: int) -> int:
+    from ray_fer.infer import decoded_dataset, list_inputs
+
+    ds = decoded_dataset(list_inputs(data), decode_size=48)
+    ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=None,
+                        batch_format="numpy")
+    return int(sum(b["n"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
+
+
+def ingest_read_images(data: str, image_size: int) -> int:
+    import ray.data
+
+    ds = ray.data.read_images(data, mode="L")
+    ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=512,
+                        batch_format="numpy")
+    return int(sum(b["n"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy")))
+
+
+def ingest_pil_loop(data: str, image_size: int) -> int:
+    from PIL import Image
+
+    from ray_fer import storage
+    from ray_fer.images import IMAGE_EXTENSIONS
+
+    n = 0
+    batch: list[np.ndarray] = []
+    for path in storage.list_files(data, IMAGE_EXTENSIONS):
+        with Image.open(path) as im:
+            batch.append(np.asarray(im.convert("L").resize((48, 48))))
+        if len(batch) == 512:
+            n += int(_preprocess_count({"image": np.stack(batch)}, image_size=image_size)["n"][0])
+            batch = []
+    if batch:
+        n += int(_preprocess_count({"image": np.stack(batch)}, image_size=image_size)["n"][0])
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# 2. End to end
+
+
+def e2e_pipeline(data: str, model: str, out: str, **settings: Any) -> int:
+    from ray_fer.config import InferConfig
+    from ray_fer.infer import label_images
+
+    return label_images(InferConfig(model=model, input=data, output=out, overwrite=True, **settings))["images"]
+
+
+def e2e_plain_torch(data: str, model: str, out: str, *, workers: int) -> int:
+    """What one writes without Ray: ImageFolder + DataLoader + fp32 model + pandas to Parquet."""
+    import pandas as pd
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from ray_fer.model import load_bundle
+
+    bundle, model_id = load_bundle(model)
+    net = bundle.build_model()
+    tf = transforms.Compose([
+        transforms.Grayscale(num_output_channels=3), transforms.Resize(bundle.image_size),
+        transforms.ToTensor(), transforms.Normalize(bundle.mean, bundle.std),
+    ])
+    folder = datasets.ImageFolder(data, transform=tf)
+    loader = DataLoader(folder, batch_size=64, num_workers=workers)
+    probs = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            probs.append(torch.softmax(net(x), dim=1))
+    p = torch.cat(probs).numpy()
+    df = pd.DataFrame({"path": [s[0] for s in folder.samples]})
+    df["label"] = [bundle.classes[i] for i in p.argmax(1)]
+    df["confidence"] = p.max(1)
+    for j, name in enumerate(bundle.classes):
+        df[f"prob_{name}"] = p[:, j]
+    df["model"] = model_id
+    os.makedirs(out, exist_ok=True)
+    df.to_parquet(os.path.join(out, "part-0.parquet"))
+    return len(df)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The model call
+
+
+def model_speed(model: str, image_size: int, seconds: float = 4.0) -> dict[str, float]:
+    from ray_fer.infer import predict_probs
+    from ray_fer.model import load_bundle
+
+    bundle, _ = load_bundle(model)
+    x = torch.randint(0, 256, (64, 48, 48), dtype=torch.uint8)
+    out = {}
+    for name, channels_last, dtype in [("fp32 NCHW", False, None), ("fp32 channels_last", True, None),
+                                       ("bf16 channels_last", True, torch.bfloat16)]:  # bf16: as predict_probs
+        net = bundle.build_model()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        preset = bundle.eval_preset(channels_last=channels_last)
+        predict_probs(net, preset, x, autocast_dtype=dtype)  # warm-up: oneDNN picks its kernels
+        rates = []
+        for _ in range(3):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                predict_probs(net, preset, x, autocast_dtype=dtype)
+                n += len(x)
+            rates.append(n / (time.perf_counter() - start))
+        out[name] = round(statistics.median(rates), 1)
+    return out
+
+
+def bf16_agreement(model: str, data: str) -> dict[str, Any]:
+    from ray_fer import storage
+    from ray_fer.images import IMAGE_EXTENSIONS, decode_image
+    from ray_fer.infer import predict_probs
+    from ray_fer.model import load_bundle
+
+    bundle, _ = load_bundle(model)
+    net = bundle.build_model().to(memory_format=torch.channels_last)
+    preset = bundle.eval_preset()
+    files = storage.list_files(data, IMAGE_EXTENSIONS)
+    pixels = torch.from_numpy(np.stack([decode_image(storage.read_bytes(f), bundle.decode_size)[0] for f in files]))
+    fp32 = torch.cat([predict_probs(net, preset, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+    bf16 = torch.cat([predict_probs(net, preset, pixels[i:i + 256], autocast_dtype=torch.bfloat16)
+                      for i in range(0, len(pixels), 256)])
+    agree = (fp32.argmax(1) == bf16.argmax(1)).float().mean().item()
+    return {"images": len(files), "label_agreement": round(agree, 5),
+            "max_prob_diff": round((fp32 - bf16).abs().max().item(), 4)}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def random_bundle(path: str, image_size: int) -> str:
+    from ray_fer.model import ModelBundle, build_model, save_bundle
+
+    torch.manual_seed(0)
+    net = build_model("none")
+    torch.nn.init.normal_(net.classifier[1].weight, std=0.05)
+    save_bundle(ModelBundle(state_dict=net.state_dict(), image_size=image_size, decode_size=48), path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder with class sub-folders")
+    parser.add_argument("--model", help="model bundle (default: random weights at --image-size)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions of the ingest timings")
+    parser.add_argument("--e2e-repeats", type=int, default=3, help="repetitions of the end-to-end timings")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ingest", "e2e", "model"])
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance on loopback
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = tempfile.mkdtemp(prefix="bench-infer-")
+    model = args.model or random_bundle(os.path.join(tmp, "model.pt"), args.image_size)
+    load = os.getloadavg()[0]
+    results: dict[str, Any] = {"data": args.data, "model": args.model or "random weights",
+                               "cpus": os.cpu_count(), "load_average_at_start": round(load, 2)}
+    print(f"data {args.data}; {os.cpu_count()} CPUs; load average {load:.2f} at start", flush=True)
+
+    if "ingest" not in args.skip:
+        ingest_pil_loop(args.data, args.image_size)  # warm the page cache once, untimed
+        ingest_pipeline(args.data, args.image_size)  # start the decode workers (they import torch), untimed
+        ingest = median_rates({
+            "pipeline": lambda: ingest_pipeline(args.data, args.image_size),
+            "read_images": lambda: ingest_read_images(args.data, args.image_size),
+            "pil_loop": lambda: ingest_pil_loop(args.data, args.image_size),
+        }, args.repeats)
+        results["ingest"] = ingest
+        print("\n1. ingest (list + read + decode + preprocess to "
+              f"{args.image_size} px), median of {args.repeats}")
+        for name, r in ingest.items():
+            print(f"   {name:<12} {r['images_per_s']:>9,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
+        print(f"   pipeline / read_images = {ingest['pipeline']['images_per_s'] / ingest['read_images']['images_per_s']:.1f}x",
+              flush=True)
+
+    if "e2e" not in args.skip:
+        out = os.path.join(tmp, "out")
+        e2e: dict[str, Any] = median_rates({
+            "pipeline": lambda: e2e_pipeline(args.data, model, out + "-ray"),
+            "pipeline_fp32": lambda: e2e_pipeline(args.data, model, out + "-ray32", precision="fp32"),
+            "plain_torch_workers0": lambda: e2e_plain_torch(args.data, model, out + "-pt0", workers=0),
+            "plain_torch_workers2": lambda: e2e_plain_torch(args.data, model, out + "-pt2", workers=2),
+        }, args.e2e_repeats)
+        best_plain = max(e2e["plain_torch_workers0"]["images_per_s"], e2e["plain_torch_workers2"]["images_per_s"])
+        e2e["ratio_vs_best_plain"] = round(e2e["pipeline"]["images_per_s"] / best_plain, 2)
+        results["e2e"] = e2e
+        print(f"\n2. end to end (files -> Parquet, EfficientNet-B0 at {args.image_size} px), median of {args.e2e_repeats}")
+        for name, r in e2e.items():
+            if isinstance(r, dict):
+                print(f"   {name:<22} {r['images_per_s']:>8,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
+        print(f"   pipeline / best plain loop = {e2e['ratio_vs_best_plain']:.2f}x", flush=True)
+
+    if "model" not in args.skip:
+        speed = model_speed(model, args.image_size)
+        results["model_call"] = speed
+        print(f"\n3. model call alone, batch 64 at {args.image_size} px, {torch.get_num_threads()} threads")
+        for name, rate in speed.items():
+            print(f"   {name:<20} {rate:>8,.0f} images/s")
+        if args.model:
+            agree = bf16_agreement(model, args.data)
+            results["bf16_vs_fp32"] = agree
+            print(f"   bf16 vs fp32 labels agree on {agree['label_agreement']:.2%} of {agree['images']} images "
+                  f"(largest probability difference {agree['max_prob_diff']})")
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
