@@ -26,7 +26,8 @@ from torch import nn
 
 from ray_fer import storage
 from ray_fer.config import ConfigError, TrainJobConfig, from_dict, to_yaml
-from ray_fer.data import find_split, image_folder_dataset, list_image_folder  # noqa: F401 (find_split re-exported)
+from ray_fer.data import image_folder_dataset, list_image_folder
+from ray_fer.evaluate import write_training_report
 from ray_fer.images import EvalPreset, train_preset
 from ray_fer.model import ModelBundle, build_model, save_bundle, unwrap
 
@@ -437,6 +438,7 @@ def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
     bundle_uri = storage.join(run_dir(cfg), BUNDLE_FILE)
     model_id = save_bundle(bundle, bundle_uri)
     best_metrics = best_state["metrics"]
+    report = write_training_report(run_dir(cfg), history, best_metrics["epoch"])  # curves.png, metrics.csv
     return {
         "run": cfg.run.name,
         "epochs": history[-1]["epoch"] if history else 0,
@@ -445,6 +447,7 @@ def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
         "best_val_acc": round(best_metrics["val_acc"], 6),
         "model": bundle_uri,
         "model_id": model_id,
+        "curves": report.get("curves"),
     }
 
 

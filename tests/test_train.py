@@ -74,6 +74,9 @@ def test_loss_falls_and_the_best_checkpoints_are_kept(first_run):
     state = torch.load(best_dir / STATE_FILE, weights_only=True)
     assert all(torch.equal(state["model"][k], bundle.state_dict[k]) for k in state["model"])
     assert (run_dir / "config.yaml").read_text().count("name: subset") == 1
+    # training curves and per-epoch metrics are written at the end
+    assert summary["curves"] == str(run_dir / "curves.png") and (run_dir / "curves.png").stat().st_size > 10_000
+    assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
 
 
 def test_rerunning_the_name_resumes_and_extends(first_run):
