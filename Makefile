@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and make:
 #   make demo   train a small model on FER2013 (or DATA=...), label and evaluate with it
-#   make test   the whole test suite
+#   make test   the test suite, less the tests marked slow (make test-all runs those too)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/fer2013
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-all test-fast install clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(BIN)/.installed
 	DATA="$(DATA)" PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
 
 test: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(BIN)/.installed
