@@ -144,7 +144,7 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ray-fer", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="ray-fer", description="Facial expression recognition at scale on Ray: train, label, evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare):
