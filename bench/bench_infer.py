@@ -63,9 +63,10 @@ def _preprocess_count(batch: dict[str, np.ndarray], *, image_size: int) -> dict[
 
 
 def ingest_pipeline(data: str, image_size: int) -> int:
-    from ray_fer.infer import decoded_dataset, list_inputs
+    from ray_fer.data import decoded_dataset
+    from ray_fer.infer import list_inputs
 
-    ds = decoded_dataset(list_inputs(data), decode_size=48)
+    ds = decoded_dataset(list_inputs(data), decode_size=48, keep_errors=True)
     ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=None,
                         batch_format="numpy")
     return int(sum(b["n"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy")))

@@ -116,19 +116,31 @@ def decode_batch(batch: dict[str, Any], *, decode_size: int, keep_errors: bool) 
     return {k: (np.asarray(v)[ok] if len(v) == n else v) for k, v in out.items()}
 
 
+def decoded_dataset(
+    table: pa.Table, *, decode_size: int, keep_errors: bool, decode_batch_size: int = DECODE_BATCH,
+    num_cpus: float = 1.0,
+):
+    """The lazy read-and-decode stage over a table with a `path` column: CPU tasks of
+    `decode_batch_size` files each, adding `image` (uint8), `width`, `height` (and `error` with
+    keep_errors; without, failed rows are dropped and logged). Other columns are kept."""
+    import ray.data
+
+    # one input block per decode task: from_arrow of slices needs no repartition stage
+    slices = [table.slice(i, decode_batch_size) for i in range(0, table.num_rows, decode_batch_size)]
+    return ray.data.from_arrow(slices or [table]).map_batches(
+        decode_batch, fn_kwargs={"decode_size": decode_size, "keep_errors": keep_errors},
+        batch_size=decode_batch_size, batch_format="numpy", num_cpus=num_cpus,
+    )
+
+
 def image_folder_dataset(table: pa.Table, *, decode_size: int):
     """A materialised Ray Dataset of decoded (image, label) rows; undecodable files are skipped.
 
     Materialised once: the uint8 faces are small (48x48 = 2.3 KB), so every epoch re-reads them
     from the object store instead of decoding again.
     """
-    import ray.data
-
-    ds = ray.data.from_arrow(table).repartition(max(1, -(-table.num_rows // DECODE_BATCH)))
-    decoded = ds.map_batches(
-        decode_batch, fn_kwargs={"decode_size": decode_size, "keep_errors": False},
-        batch_size=DECODE_BATCH, batch_format="numpy",
-    ).select_columns(["image", "label"]).materialize()
+    decoded = decoded_dataset(table, decode_size=decode_size, keep_errors=False).select_columns(
+        ["image", "label"]).materialize()
     kept = decoded.count()
     if kept < table.num_rows:
         log.warning("skipped %d of %d files that could not be decoded (see warnings above)",

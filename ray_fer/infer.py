@@ -29,7 +29,7 @@ import torch
 
 from ray_fer import __version__, storage
 from ray_fer.config import InferConfig, UserError
-from ray_fer.data import decode_batch
+from ray_fer.data import decoded_dataset
 from ray_fer.images import IMAGE_EXTENSIONS, EvalPreset, tta_views
 from ray_fer.model import ModelBundle, load_bundle
 
@@ -304,21 +304,6 @@ def plan_predictors(
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
 
-def decoded_dataset(
-    table: pa.Table, *, decode_size: int, decode_batch_size: int = 512, num_cpus: float = 1.0
-) -> "ray.data.Dataset":
-    """The lazy read-and-decode stage: one row per `path`, with `image` (uint8), `width`, `height`
-    and `error` added and the other columns kept; CPU tasks of `decode_batch_size` files each."""
-    import ray
-
-    # one input block per decode task: from_arrow of slices needs no repartition stage
-    slices = [table.slice(i, decode_batch_size) for i in range(0, table.num_rows, decode_batch_size)]
-    return ray.data.from_arrow(slices or [table]).map_batches(
-        decode_batch, fn_kwargs={"decode_size": decode_size, "keep_errors": True},
-        batch_size=decode_batch_size, batch_format="numpy", num_cpus=num_cpus,
-    )
-
-
 def prediction_dataset(
     table: pa.Table,
     model: str | ModelBundle,
@@ -351,8 +336,8 @@ def prediction_dataset(
     plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size)
     log.info("predictors: %d actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              plan.actors, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(table, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
-                         num_cpus=plan.decode_cpus)
+    ds = decoded_dataset(table, decode_size=model.decode_size, keep_errors=True,
+                         decode_batch_size=decode_batch_size, num_cpus=plan.decode_cpus)
     return ds.map_batches(
         Predictor,
         fn_constructor_args=(ray.put(model),),
