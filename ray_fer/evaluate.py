@@ -590,7 +590,7 @@ def predict_files(model: str, images: Sequence[str], *, tta: str = "none", top: 
     """
     import torch
 
-    from ray_fer.images import ImageError, decode_image
+    from ray_fer.decode import ImageError, decode_image
     from ray_fer.infer import predict_probs
     from ray_fer.model import load_bundle
 

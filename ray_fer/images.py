@@ -1,85 +1,23 @@
-"""Images: decode on the CPU to small uint8 arrays, then named tensor presets on the model's device.
+"""Tensor presets: batched uint8 faces -> normalised model input, on the model's device.
 
-Two stages, shared by training, labelling and evaluation so that every path sees the same pixels:
-
-1. `decode_image` (CPU, per file): any PIL-readable image -> EXIF-upright, grayscale, centre-cropped
-   to a square and resized to `decode_size` (48 for FER2013, its native size) as uint8. Big JPEGs
-   are decoded at reduced scale (draft mode); decompression bombs are refused.
-2. `EvalPreset` / `TrainPreset` (batched torch, CPU or GPU): uint8 (B, S, S) -> float (B, 3, N, N)
-   at `image_size`, ImageNet-normalised, with augmentation for training. Resizing and augmenting
-   happen in one `grid_sample`, so a GPU receives 48x48 bytes, never 224x224 floats.
+The second of the two image stages, shared by training, labelling and evaluation so that every
+path sees the same pixels (the first, `decode`, turns files into small uint8 faces on CPU tasks):
+`EvalPreset` / `TrainPreset` (batched torch, CPU or GPU) take uint8 (B, S, S) to float
+(B, 3, N, N) at `image_size`, ImageNet-normalised, with augmentation for training. Resizing and
+augmenting happen in one `grid_sample`, so a GPU receives 48x48 bytes, never 224x224 floats.
+Test-time views (`tta_views`) are cut from the uint8 faces before the preset.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageError(ValueError):
-    """A file that cannot be turned into model input; the message is a short per-file reason."""
-
-
-def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
-    """Decode image bytes to a (size, size) uint8 grayscale array.
-
-    Returns (pixels, width, height) where width and height are the source image's, after EXIF
-    rotation. Raises ImageError with a short reason for empty, corrupt, truncated, unsupported or
-    oversized (decompression-bomb) files.
-    """
-    if not data:
-        raise ImageError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
-                width, height = height, width
-            if im.format == "JPEG":
-                im.draft("L", (size, size))  # decode at 1/2..1/8 scale when the image is big enough
-            im = ImageOps.exif_transpose(im)
-            gray = _to_gray(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large (decompression bomb guard): {e}") from None
-    except ImageError:
-        raise
-    except UnidentifiedImageError:  # its message holds a memory address: say it plainly
-        raise ImageError("not an image, or a format PIL cannot read") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        reason = str(e) or type(e).__name__
-        raise ImageError(f"cannot decode image: {reason}"[:200]) from None
-    square = ImageOps.fit(gray, (size, size), method=Image.Resampling.BILINEAR)
-    return np.asarray(square, dtype=np.uint8), width, height
-
-
-def _to_gray(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-        arr = (arr - lo) / (hi - lo or 1.0)
-        return Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L")
-    return im.convert("L")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +34,7 @@ class EvalPreset:
     channels_last: bool = True
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = _to_unit_float(pixels)
+        x = _to_float(pixels)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -105,10 +43,14 @@ class EvalPreset:
         return self._normalise(x)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        """Gray floats in 0..255 (B, 1, N, N) -> ImageNet-normalised (B, 3, N, N) in the model's
+        memory layout, written in one pass (a third of the time of subtract, divide, re-layout)."""
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        out = (x - mean) / std  # one gray channel broadcasts to three normalised channels
-        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out.contiguous()
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((x.shape[0], 3, *x.shape[-2:]), device=x.device, dtype=x.dtype, memory_format=layout)
+        # (x / 255 - mean) / std; the gray channel broadcasts to three
+        return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std), out=out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +68,7 @@ class TrainPreset(EvalPreset):
     erasing: float = 0.0  # probability of erasing one random rectangle (random erasing)
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = _to_unit_float(pixels)
+        x = _to_float(pixels)
         b = x.shape[0]
         dev = x.device
 
@@ -150,12 +92,13 @@ class TrainPreset(EvalPreset):
         return out
 
 
-def _to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+def _to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S) -> float (B, 1, S, S) in 0..255; `_normalise` scales it (resizing is linear)."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
     if pixels.dim() == 3:
         pixels = pixels.unsqueeze(1)
-    return pixels.float().div_(255.0)
+    return pixels.float()
 
 
 def _random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:

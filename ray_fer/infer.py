@@ -29,8 +29,9 @@ import torch
 
 from ray_fer import __version__, storage
 from ray_fer.config import InferConfig, UserError
-from ray_fer.data import decoded_dataset
-from ray_fer.images import IMAGE_EXTENSIONS, EvalPreset, tta_views
+from ray_fer.data import DECODE_BATCH, decoded_dataset
+from ray_fer.decode import IMAGE_EXTENSIONS
+from ray_fer.images import EvalPreset, tta_views
 from ray_fer.model import ModelBundle, load_bundle
 
 if TYPE_CHECKING:
@@ -313,7 +314,7 @@ def prediction_dataset(
     precision: str = "auto",
     device: str = "auto",
     batch_size: int | None = None,
-    decode_batch_size: int = 512,
+    decode_batch_size: int = DECODE_BATCH,
     actors: int | None = None,
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a table with a `path` column (local or s3://).

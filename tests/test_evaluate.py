@@ -244,7 +244,7 @@ def test_tta_equals_averaging_hand_made_views(small_model):
 
 
 def test_predict_files(fer_root, bundle_path, small_model, tmp_path):
-    from ray_fer.images import decode_image
+    from ray_fer.decode import decode_image
     from ray_fer.infer import predict_probs
 
     files = sorted(str(p) for p in (fer_root / "val" / "fear").glob("*.jpg"))[:3]
@@ -278,7 +278,7 @@ def _read_predictions(uri: str) -> dict[str, dict]:
 @pytest.mark.integration
 def test_evaluate_fer_val_subset_end_to_end(ray_local, fer_root, bundle_path, tmp_path, s3_bucket):
     from ray_fer.data import list_image_folder
-    from ray_fer.images import decode_image
+    from ray_fer.decode import decode_image
 
     val = str(fer_root / "val")
     plain = ev.evaluate_folder(bundle_path, val, output=str(tmp_path / "none"), precision="fp32", limit_per_class=3)

@@ -22,7 +22,7 @@ from PIL import Image
 from ray_fer import storage
 from ray_fer.cli import main
 from ray_fer.config import ConfigError, InferConfig, load_config
-from ray_fer.images import decode_image
+from ray_fer.decode import decode_image
 from ray_fer.infer import (
     SUCCESS_FILE,
     InferError,
@@ -37,7 +37,7 @@ from ray_fer.infer import (
 )
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import ModelBundle, build_model, load_bundle, save_bundle
-from test_images import corrupt_jpeg, encode, halves, png_header_only
+from test_decode import corrupt_jpeg, encode, halves, png_header_only
 
 REPO = Path(__file__).resolve().parents[1]
 
