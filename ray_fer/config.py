@@ -137,7 +137,7 @@ class InferConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16
     tta: Literal["none", "flip", "tencrop"] = "none"  # test-time views whose probabilities are averaged
     batch_size: int | None = None  # images per predictor call; default 128 on CPU, 512 on GPU
-    decode_batch_size: int = 1024  # most images per read-and-decode task
+    decode_batch_size: int = 2048  # most images per read-and-decode task
     actors: int | None = None  # predictor actors; default: one per GPU, else sized from the cluster's CPUs
 
     def check(self) -> None:

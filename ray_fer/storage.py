@@ -8,8 +8,11 @@ Nothing here logs credentials: only paths appear in messages.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -99,10 +102,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def read_many(uris: list[str], threads: int = 16) -> list[bytes | BaseException]:
-    """Read many files; each result is the bytes or the exception that reading raised.
+def read_each(uris: list[str], threads: int = 16) -> Iterator[bytes | BaseException]:
+    """Read many files in order, yielding each one's bytes or the exception that reading raised.
 
-    Remote stores are read with a thread pool, since each GET waits on the network.
+    Remote stores are read by a thread pool, since each GET waits on the network, with at most
+    2 x threads files ahead of the consumer: memory holds a few files, never the whole list
+    (a batch of 2,048 ten-megabyte photos must not mean 20 GB in one task).
     """
     def one(u: str) -> bytes | BaseException:
         try:
@@ -110,12 +115,20 @@ def read_many(uris: list[str], threads: int = 16) -> list[bytes | BaseException]
         except Exception as e:  # noqa: BLE001 - one unreadable file must not fail the batch
             return e
 
-    if not uris:
-        return []
     if not any(is_remote(u) for u in uris) or threads <= 1:
-        return [one(u) for u in uris]
+        yield from map(one, uris)
+        return
     with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
-        return list(pool.map(one, uris))
+        ahead: deque[Future[bytes | BaseException]] = deque()
+        todo = iter(uris)
+        for u in itertools.islice(todo, 2 * threads):
+            ahead.append(pool.submit(one, u))
+        while ahead:
+            blob = ahead.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append(pool.submit(one, nxt))
+            yield blob
 
 
 def write_bytes(uri: str, data: bytes) -> None:

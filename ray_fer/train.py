@@ -387,8 +387,8 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     datasets = {
-        "train": image_folder_dataset(train_table, decode_size=cfg.data.decode_size).randomize_block_order(
-            seed=seed_config),
+        "train": image_folder_dataset(train_table, decode_size=cfg.data.decode_size,
+                                      shuffle_seed=cfg.train.seed).randomize_block_order(seed=seed_config),
         "val": image_folder_dataset(val_table, decode_size=cfg.data.decode_size),
     }
     trainer = TorchTrainer(

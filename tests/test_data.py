@@ -1,10 +1,13 @@
-"""Image-folder listing: layout checks with clear errors, labels from folder names, limits."""
+"""Image-folder listing (layout checks with clear errors, labels from folder names, limits) and the
+read-and-decode stage (order, one row per file, errors in place, local and S3)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from ray_fer.data import DataError, find_split, list_image_folder
+from ray_fer import storage
+from ray_fer.data import DataError, decode_batch, decoded_dataset, find_split, image_folder_dataset, list_image_folder
 from ray_fer.labels import CLASSES
 
 
@@ -65,3 +68,59 @@ def test_fer2013_lists_all_seven_classes(fer_root):
     assert table.num_rows == 3589
     counts = table.group_by("label").aggregate([("label", "count")]).to_pydict()
     assert dict(zip(counts["label"], counts["label_count"]))[CLASSES.index("disgust")] == 56
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and decoding
+
+
+def _fer_files(fer_root, n):
+    return sorted((fer_root / "val" / "happy").glob("*.jpg"))[:n]
+
+
+def test_read_each_keeps_order_and_puts_errors_in_place(fer_root, tmp_path):
+    files = [str(p) for p in _fer_files(fer_root, 5)]
+    paths = files[:2] + [str(tmp_path / "missing.jpg")] + files[2:]
+    out = list(storage.read_each(paths))
+    assert len(out) == 6 and isinstance(out[2], FileNotFoundError)
+    assert [o for i, o in enumerate(out) if i != 2] == [open(f, "rb").read() for f in files]
+
+
+def test_read_each_from_s3_reads_ahead_in_order(fer_root, s3_bucket):
+    """More files than the read-ahead window (2 x threads), one missing: order and errors kept."""
+    files = _fer_files(fer_root, 40)
+    for i, f in enumerate(files):
+        storage.write_bytes(f"s3://{s3_bucket}/in/{i:03d}.jpg", f.read_bytes())
+    uris = [f"s3://{s3_bucket}/in/{i:03d}.jpg" for i in range(40)]
+    uris.insert(17, f"s3://{s3_bucket}/in/nope.jpg")
+    out = list(storage.read_each(uris, threads=4))
+    assert isinstance(out[17], OSError)
+    assert [o for i, o in enumerate(out) if i != 17] == [f.read_bytes() for f in files]
+
+
+def test_decode_batch_one_row_per_file_with_errors(fer_root, tmp_path):
+    files = [str(p) for p in _fer_files(fer_root, 3)]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    paths = np.array(files + [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.jpg")], dtype=object)
+    kept = decode_batch({"path": paths}, decode_size=48, keep_errors=True)
+    assert kept["image"].shape == (5, 48, 48) and list(kept["width"][:3]) == [48, 48, 48]
+    assert [e is None for e in kept["error"]] == [True, True, True, False, False]
+    assert "not an image" in kept["error"][3] and kept["error"][4].startswith("cannot read file")
+    dropped = decode_batch({"path": paths, "label": np.arange(5)}, decode_size=48, keep_errors=False)
+    assert list(dropped["label"]) == [0, 1, 2] and dropped["image"].shape == (3, 48, 48)
+
+
+def test_decoded_dataset_splits_evenly_and_keeps_every_row(ray_local, fer_root):
+    table = list_image_folder(str(fer_root / "val"))
+    ds = decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=1000)
+    sizes = [len(b["image"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == 3589 and len(sizes) == 4 and max(sizes) - min(sizes) < 4  # ~897 each, not 3 x 1000 + 589
+
+
+def test_shuffled_training_blocks_mix_the_classes(ray_local, fer_root):
+    table = list_image_folder(str(fer_root / "val"), limit_per_class=100)  # listed class by class
+    ds = image_folder_dataset(table, decode_size=48, shuffle_seed=0)
+    first = next(iter(ds.iter_batches(batch_size=None, batch_format="numpy")))
+    assert len(set(first["label"].tolist())) == 7
+    again = image_folder_dataset(table, decode_size=48, shuffle_seed=0).take_all()
+    assert [r["label"] for r in again] == [int(v) for b in ds.iter_batches(batch_size=None) for v in b["label"]]
