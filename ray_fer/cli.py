@@ -123,9 +123,13 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem, a close match for a mistyped option, where help is."""
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)  # to suggest the subcommand's own options
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):
-            known = _option_strings(self)
+            known = _option_strings(self, getattr(self, "_argv", []))
             hints = [match[0] for word in message.split(":", 1)[1].split()
                      if word.startswith("--") and (match := difflib.get_close_matches(word.split("=")[0], known, n=1))]
             if hints:
@@ -133,13 +137,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+def _option_strings(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The --options of `parser` and of the subcommand named in argv (of every one if none is)."""
     options: list[str] = []
     for action in parser._actions:
         options += [o for o in action.option_strings if o.startswith("--")]
         if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                options += _option_strings(child)
+            named = [action.choices[a] for a in argv if a in action.choices][:1]
+            for child in named or action.choices.values():
+                options += _option_strings(child, argv)
     return sorted(set(options))
 
 

@@ -94,10 +94,11 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    if fs.type_name == "local":
-        with open(path, "rb") as f:  # note: plain open() is several times faster for small files
+    uri = str(uri)
+    if "://" not in uri:  # a local path: plain open() is several times faster for small files
+        with open(os.path.expanduser(uri), "rb") as f:
             return f.read()
+    fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
 

@@ -356,6 +356,9 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 def test_cli_errors_are_one_line(capsys, tmp_path, tiny_bundle):
     err = _one_line_error(capsys, ["infer", "--model", tiny_bundle, "--ouput", str(tmp_path / "o")])
     assert "unrecognized arguments: --ouput" in err and "did you mean --output?" in err
+    # the hint comes from the subcommand's own options: train has no --output to suggest
+    err = _one_line_error(capsys, ["train", "--ouput", str(tmp_path / "o")])
+    assert "unrecognized arguments: --ouput" in err and "did you mean" not in err
     err = _one_line_error(capsys, ["infer", "--model", tiny_bundle, "--input", str(tmp_path / "missing"),
                                    "--output", str(tmp_path / "o")])
     assert f"input '{tmp_path}/missing' does not exist" in err
