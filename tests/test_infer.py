@@ -29,6 +29,7 @@ from ray_fer.infer import (
     Predictor,
     autocast_dtype,
     cpu_has_native_bf16,
+    fold_batchnorm,
     label_images,
     list_inputs,
     plan_predictors,
@@ -570,15 +571,18 @@ def test_cli_as_a_user_runs_it(fer_root, random_bundle, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (auto precision is fp32 here)")
 def test_bf16_labels_agree_with_fp32_on_fer_val(fer_root, trained_bundle):
+    """The fast path exactly as the Predictor runs it (batch norms folded, channels_last, bf16)
+    against the plain fp32 model."""
     bundle, _ = load_bundle(trained_bundle)
-    net = bundle.build_model().to(memory_format=torch.channels_last)
+    net = bundle.build_model()
+    fast = fold_batchnorm(bundle.build_model()).to(memory_format=torch.channels_last)
     preset = bundle.eval_preset()
     files = sorted((fer_root / "val").glob("*/*.jpg"))
     pixels = torch.from_numpy(np.stack([decode_image(f.read_bytes(), 48)[0] for f in files]))
     fp32, bf16 = [], []
     for i in range(0, len(pixels), 256):
         fp32.append(predict_probs(net, preset, pixels[i:i + 256]).argmax(1))
-        bf16.append(predict_probs(net, preset, pixels[i:i + 256], autocast_dtype=torch.bfloat16).argmax(1))
+        bf16.append(predict_probs(fast, preset, pixels[i:i + 256], autocast_dtype=torch.bfloat16).argmax(1))
     agree = (torch.cat(fp32) == torch.cat(bf16)).float().mean().item()
     assert len(files) == 3589
     assert agree >= 0.995, f"bf16 and fp32 labels agree on {agree:.2%} of FER2013 val"
