@@ -139,6 +139,7 @@ class InferConfig:
     batch_size: int | None = None  # images per predictor call; default 128 on CPU, 512 on GPU
     decode_batch_size: int = 2048  # most images per read-and-decode task
     actors: int | None = None  # predictor actors; default: one per GPU, else sized from the cluster's CPUs
+    compile: bool = False  # torch.compile each predictor's model: 1.15-1.4x on CPU after a ~1 min compile
 
     def check(self) -> None:
         if not self.model:

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -101,20 +101,23 @@ def predict_probs(
     *,
     tta: str = "none",
     autocast_dtype: torch.dtype | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Class probabilities, float32 (B, num_classes) on the model's device, of uint8 faces (B, S, S).
 
     The pixels move to the model's device first (pin them for a non-blocking copy), so resizing
     and normalising by `preset` (the bundle's EvalPreset) happen there. With a TTA mode the
     probabilities are averaged over `images.tta_views`. `autocast_dtype` (bf16 / fp16) runs the
-    model under autocast; the softmax is always float32.
+    model under autocast; the softmax is always float32. `forward` replaces the model call
+    (a compiled `_forward` of the same model and autocast dtype; see Predictor).
     """
     device = next(model.parameters()).device
     pixels = pixels_uint8.to(device, non_blocking=True)
     total: torch.Tensor | None = None
     views = tta_views(pixels, tta)
     for view in views:
-        logits = _forward(model, preset(view), autocast_dtype)
+        x = preset(view)
+        logits = forward(x) if forward is not None else _forward(model, x, autocast_dtype)
         probs = torch.softmax(logits.float(), dim=1)
         total = probs if total is None else total + probs
     assert total is not None
@@ -172,6 +175,12 @@ class Predictor:
     `label` (string), `confidence` (float32), `prob_<class>` (float32), `error` and `model` (the
     bundle's identity). Rows with an error get null label, confidence and probabilities, and
     never reach the model. The `image` column is consumed.
+
+    With `compile`, the model call is `torch.compile`d at construction for batches of exactly
+    `batch_size` (shorter batches are padded with blank faces, so it never recompiles). On a
+    2-core CPU the first compilation on a machine takes about a minute (inductor caches it on
+    disk: later actors take seconds); the model call is then 1.15-1.4x faster (measured in
+    the pipeline and alone). Worth it for stores of a few hundred thousand images and more.
     """
 
     def __init__(
@@ -183,6 +192,8 @@ class Predictor:
         precision: str = "auto",
         device: str = "auto",
         threads: int | None = None,
+        compile: bool = False,
+        batch_size: int = 128,
     ) -> None:
         import ray
 
@@ -204,8 +215,33 @@ class Predictor:
         self.prob_columns = tuple(f"prob_{name}" for name in self.classes)
         self.model_id = model_id
         self.tta = tta
-        log.info("predictor ready: model %s on %s, autocast %s, tta %s, %d threads",
-                 model_id, self.device, self.autocast, tta, torch.get_num_threads())
+        self.batch_size = batch_size
+        self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if compile:
+            # fixed shapes (__call__ pads a short batch), so one compilation serves every batch;
+            # it happens here, on a batch of zeros, not in the middle of the first real batch
+            started = time.perf_counter()
+            self.forward = torch.compile(
+                functools.partial(_forward, self.net, autocast_dtype=self.autocast), dynamic=False)
+            self._predict(np.zeros((batch_size, model.decode_size, model.decode_size), dtype=np.uint8))
+            log.info("predictor compiled the model in %.0f s", time.perf_counter() - started)
+        log.info("predictor ready: model %s on %s, autocast %s, tta %s, %d threads%s",
+                 model_id, self.device, self.autocast, tta, torch.get_num_threads(), ", compiled" if compile else "")
+
+    def _predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities (n, classes) of n >= 1 uint8 faces (n, S, S)."""
+        n = len(pixels)
+        step = self.batch_size if self.forward is not None else n
+        if n % step:  # a compiled model sees full batches only: pad with blank faces
+            pixels = np.concatenate([pixels, np.zeros((step - n % step, *pixels.shape[1:]), dtype=pixels.dtype)])
+        out = []
+        for i in range(0, len(pixels), step):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + step]))
+            if self.device.type == "cuda":
+                x = x.pin_memory()  # note: lets the host-to-device copy overlap
+            out.append(predict_probs(self.net, self.preset, x, tta=self.tta, autocast_dtype=self.autocast,
+                                     forward=self.forward).cpu().numpy())
+        return np.concatenate(out)[:n]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pixels = batch["image"]
@@ -214,11 +250,7 @@ class Predictor:
         ok = _no_error(errors)
         probs = np.zeros((n, len(self.classes)), dtype=np.float32)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(pixels[ok]))
-            if self.device.type == "cuda":
-                x = x.pin_memory()  # note: lets the host-to-device copy overlap
-            probs[ok] = predict_probs(self.net, self.preset, x, tta=self.tta,
-                                      autocast_dtype=self.autocast).cpu().numpy()
+            probs[ok] = self._predict(pixels[ok])
         missing = ~ok
         best = probs.argmax(axis=1)
         columns: dict[str, pa.Array] = {}
@@ -316,6 +348,7 @@ def prediction_dataset(
     batch_size: int | None = None,
     decode_batch_size: int = DECODE_BATCH,
     actors: int | None = None,
+    compile: bool = False,
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a table with a `path` column (local or s3://).
 
@@ -323,6 +356,7 @@ def prediction_dataset(
     CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
     actors sized by `plan_predictors`. Nothing runs until the dataset is consumed (write_parquet,
     iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
+    With `compile` each actor torch.compiles its model once before its first batch.
     """
     import ray
 
@@ -343,7 +377,8 @@ def prediction_dataset(
         Predictor,
         fn_constructor_args=(ray.put(model),),
         fn_constructor_kwargs={"model_id": model_id, "tta": tta, "precision": precision,
-                               "device": plan.device, "threads": plan.threads},
+                               "device": plan.device, "threads": plan.threads, "compile": compile,
+                               "batch_size": plan.batch_size},
         batch_size=plan.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=plan.tasks_in_flight),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, memory=plan.memory,
@@ -607,6 +642,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         ds = prediction_dataset(
             todo, bundle, model_id=model_id, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
             batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
+            compile=cfg.compile,
         )
         # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
         ds = ds.map_batches(_to_output, fn_kwargs={"schema": output_schema(bundle.classes)},

@@ -586,3 +586,22 @@ def test_bf16_labels_agree_with_fp32_on_fer_val(fer_root, trained_bundle):
     agree = (torch.cat(fp32) == torch.cat(bf16)).float().mean().item()
     assert len(files) == 3589
     assert agree >= 0.995, f"bf16 and fp32 labels agree on {agree:.2%} of FER2013 val"
+
+
+@pytest.mark.slow
+def test_compiled_predictor_matches_eager_and_pads_short_batches(fer_root, trained_bundle):
+    """compile=True: one compilation at construction, batches of any length padded to batch_size,
+    the same labels as the eager predictor on FER2013 val faces (the compile takes ~1 min here)."""
+    pixels, _ = _fer_pixels(fer_root, "val", 15)  # 105 faces: 3 full batches of 32 and one of 9
+    n = len(pixels)
+    batch = {"path": np.array([f"/x/{i}.jpg" for i in range(n)], dtype=object), "image": pixels.numpy(),
+             "error": np.full(n, None, dtype=object)}
+    eager = _predictor(trained_bundle)(batch)
+    compiled = _predictor(trained_bundle, compile=True, batch_size=32)
+    out = compiled(batch)
+    assert out.num_rows == n and out["path"].to_pylist() == batch["path"].tolist()
+    agree = np.mean(np.array(out["label"].to_pylist()) == np.array(eager["label"].to_pylist()))
+    assert agree >= 0.98, f"compiled and eager labels agree on {agree:.1%}"
+    probs = lambda t: np.stack([t[c].to_numpy() for c in PROB_COLUMNS], axis=1)  # noqa: E731
+    assert np.abs(probs(out) - probs(eager)).max() < 0.05
+    assert compiled(dict(batch, path=batch["path"][:5], image=batch["image"][:5], error=batch["error"][:5])).num_rows == 5
