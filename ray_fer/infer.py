@@ -218,7 +218,7 @@ class Predictor:
         self.batch_size = batch_size
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         if compile:
-            # fixed shapes (__call__ pads a short batch), so one compilation serves every batch;
+            # fixed shapes (_predict pads a short batch), so one compilation serves every batch;
             # it happens here, on a batch of zeros, not in the middle of the first real batch
             started = time.perf_counter()
             self.forward = torch.compile(
