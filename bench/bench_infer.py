@@ -272,7 +272,9 @@ def main() -> None:
                 print(f"   {name:<22} {r['images_per_s']:>8,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
         print(f"   pipeline / best plain loop = {e2e['ratio_vs_best_plain']:.2f}x", flush=True)
 
-        if args.large_data and args.large_repeats > 0:
+        if args.large_data and not os.path.isdir(args.large_data):
+            print(f"\n2b. skipped: {args.large_data} is not a folder (pass --large-data PATH)")
+        elif args.large_data and args.large_repeats > 0:
             large: dict[str, Any] = median_rates({
                 "pipeline": lambda: e2e_pipeline(args.large_data, model, out + "-ray-large"),
                 f"plain_torch_workers{plain_workers}": lambda: e2e_plain_torch(

@@ -131,7 +131,8 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             known = _option_strings(self, getattr(self, "_argv", []))
             hints = [match[0] for word in message.split(":", 1)[1].split()
-                     if word.startswith("--") and (match := difflib.get_close_matches(word.split("=")[0], known, n=1))]
+                     if word.startswith("--")
+                     and (match := difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75))]
             if hints:
                 message += f" (did you mean {', '.join(hints)}?)"
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

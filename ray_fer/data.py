@@ -23,6 +23,7 @@ from ray_fer.labels import CLASSES, class_index
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
+MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 
 
 class DataError(UserError):
@@ -119,19 +120,26 @@ def decoded_dataset(
     table: pa.Table, *, decode_size: int, keep_errors: bool, decode_batch_size: int = DECODE_BATCH,
     num_cpus: float = 1.0,
 ):
-    """The lazy read-and-decode stage over a table with a `path` column: CPU tasks of
-    `decode_batch_size` files each, adding `image` (uint8), `width`, `height` (and `error` with
-    keep_errors; without, failed rows are dropped and logged). Other columns are kept."""
+    """The lazy read-and-decode stage over a table with a `path` column, adding `image` (uint8),
+    `width`, `height` (and `error` with keep_errors; without, failed rows are dropped and logged).
+    Other columns are kept.
+
+    The table is split evenly into CPU tasks of at most `decode_batch_size` files, and into at
+    least one task per cluster CPU while each still gets MIN_DECODE_BATCH files, so a store of
+    big photos keeps every CPU busy.
+    """
+    import ray
     import ray.data
 
-    # one input block per decode task (from_arrow of slices needs no repartition stage), all of
-    # about the same size: 3,589 rows become 4 tasks of ~900, not 7 of 512 and one of 5
-    tasks = max(1, -(-table.num_rows // decode_batch_size))
-    size = -(-table.num_rows // tasks)
-    slices = [table.slice(i, size) for i in range(0, table.num_rows, size)]
-    return ray.data.from_arrow(slices or [table]).map_batches(
+    n = table.num_rows
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    tasks = max(-(-n // decode_batch_size), min(cpus, n // MIN_DECODE_BATCH), 1)
+    bounds = [i * n // tasks for i in range(tasks + 1)]
+    # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
+    slices = [table.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+    return ray.data.from_arrow(slices).map_batches(
         decode_batch, fn_kwargs={"decode_size": decode_size, "keep_errors": keep_errors},
-        batch_size=size, batch_format="numpy", num_cpus=num_cpus,
+        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
     )
 
 

@@ -177,7 +177,8 @@ class Predictor:
     never reach the model. The `image` column is consumed.
 
     With `compile`, the model call is `torch.compile`d at construction for batches of exactly
-    `batch_size` (shorter batches are padded with blank faces, so it never recompiles). On a
+    `batch_size` (shorter batches are padded with blank faces, so it never recompiles; if
+    compiling fails, a warning says why and the eager model is used). On a
     2-core CPU the first compilation on a machine takes about a minute (inductor caches it on
     disk: later actors take seconds); the model call is then 1.15-1.4x faster (measured in
     the pipeline and alone). Worth it for stores of a few hundred thousand images and more.
@@ -218,15 +219,24 @@ class Predictor:
         self.batch_size = batch_size
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         if compile:
-            # fixed shapes (_predict pads a short batch), so one compilation serves every batch;
-            # it happens here, on a batch of zeros, not in the middle of the first real batch
-            started = time.perf_counter()
-            self.forward = torch.compile(
-                functools.partial(_forward, self.net, autocast_dtype=self.autocast), dynamic=False)
-            self._predict(np.zeros((batch_size, model.decode_size, model.decode_size), dtype=np.uint8))
-            log.info("predictor compiled the model in %.0f s", time.perf_counter() - started)
+            self._compile(model.decode_size)
         log.info("predictor ready: model %s on %s, autocast %s, tta %s, %d threads%s",
                  model_id, self.device, self.autocast, tta, torch.get_num_threads(), ", compiled" if compile else "")
+
+    def _compile(self, decode_size: int) -> None:
+        """torch.compile the model call for batches of batch_size; on failure (e.g. no C++
+        compiler for inductor on this node) log why and keep the eager model: same labels."""
+        started = time.perf_counter()
+        self.forward = torch.compile(
+            functools.partial(_forward, self.net, autocast_dtype=self.autocast), dynamic=False)
+        try:  # compiles here, on a batch of blank faces, not in the middle of the first real batch
+            self._predict(np.zeros((self.batch_size, decode_size, decode_size), dtype=np.uint8))
+        except Exception as e:  # noqa: BLE001 - inductor raises many types (missing compiler, ...)
+            self.forward = None
+            log.warning("compile=true failed, labelling with the eager model instead: %s",
+                        (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+            return
+        log.info("predictor compiled the model in %.0f s", time.perf_counter() - started)
 
     def _predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (n, classes) of n >= 1 uint8 faces (n, S, S)."""

@@ -119,7 +119,8 @@ def read_each(uris: list[str], threads: int = 16) -> Iterator[bytes | BaseExcept
     if not any(is_remote(u) for u in uris) or threads <= 1:
         yield from map(one, uris)
         return
-    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(uris)))
+    try:
         ahead: deque[Future[bytes | BaseException]] = deque()
         todo = iter(uris)
         for u in itertools.islice(todo, 2 * threads):
@@ -130,6 +131,8 @@ def read_each(uris: list[str], threads: int = 16) -> Iterator[bytes | BaseExcept
             if nxt is not None:
                 ahead.append(pool.submit(one, nxt))
             yield blob
+    finally:  # a consumer that stops early does not wait for the reads queued ahead
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -110,11 +110,19 @@ def test_decode_batch_one_row_per_file_with_errors(fer_root, tmp_path):
     assert list(dropped["label"]) == [0, 1, 2] and dropped["image"].shape == (3, 48, 48)
 
 
+def _block_sizes(ds) -> list[int]:
+    return sorted(len(b["image"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
 def test_decoded_dataset_splits_evenly_and_keeps_every_row(ray_local, fer_root):
     table = list_image_folder(str(fer_root / "val"))
-    ds = decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=1000)
-    sizes = [len(b["image"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    assert sum(sizes) == 3589 and len(sizes) == 4 and max(sizes) - min(sizes) < 4  # ~897 each, not 3 x 1000 + 589
+    assert _block_sizes(decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=1000)) == [
+        897, 897, 897, 898]  # not 3 x 1000 + 589
+    # a batch size above the input still gives every CPU (2 here) a task
+    assert _block_sizes(decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=10_000)) == [
+        1794, 1795]
+    empty = decoded_dataset(table.slice(0, 0), decode_size=48, keep_errors=True)
+    assert empty.count() == 0
 
 
 def test_shuffled_training_blocks_mix_the_classes(ray_local, fer_root):

@@ -3,7 +3,6 @@ Ray instance over FER2013 images, generated odd files and a loopback S3 server."
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -360,6 +359,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path, tiny_bundle):
     # the hint comes from the subcommand's own options: train has no --output to suggest
     err = _one_line_error(capsys, ["train", "--ouput", str(tmp_path / "o")])
     assert "unrecognized arguments: --ouput" in err and "did you mean" not in err
+    err = _one_line_error(capsys, ["train", "--overwrite"])  # no far-fetched --verbose either
+    assert "unrecognized arguments: --overwrite" in err and "did you mean" not in err
     err = _one_line_error(capsys, ["infer", "--model", tiny_bundle, "--input", str(tmp_path / "missing"),
                                    "--output", str(tmp_path / "o")])
     assert f"input '{tmp_path}/missing' does not exist" in err
@@ -605,3 +606,19 @@ def test_compiled_predictor_matches_eager_and_pads_short_batches(fer_root, train
     probs = lambda t: np.stack([t[c].to_numpy() for c in PROB_COLUMNS], axis=1)  # noqa: E731
     assert np.abs(probs(out) - probs(eager)).max() < 0.05
     assert compiled(dict(batch, path=batch["path"][:5], image=batch["image"][:5], error=batch["error"][:5])).num_rows == 5
+
+
+def test_compile_failure_falls_back_to_the_eager_model(tiny_bundle, monkeypatch, caplog):
+    """Where inductor cannot run (no C++ compiler on a node, say), compile=true must not fail the job."""
+    def broken_compile(fn, **kwargs):
+        def call(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="ray_fer.infer"):
+        predictor = _predictor(tiny_bundle, compile=True, batch_size=4)
+    assert predictor.forward is None and "No working C++ compiler" in caplog.text
+    eager = _predictor(tiny_bundle)(_batch(3, []))
+    out = predictor(_batch(3, []))
+    assert out["label"].to_pylist() == eager["label"].to_pylist()
