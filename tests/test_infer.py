@@ -147,6 +147,28 @@ def test_predict_probs_shape_dtype_and_sum(tiny_bundle):
     assert bf16.dtype == torch.float32 and torch.allclose(bf16.sum(1), torch.ones(5), atol=1e-5)
 
 
+def test_bf16_near_ties_are_recomputed_in_fp32(random_bundle, fer_root, monkeypatch):
+    """Rows whose two top classes are closer than NEAR_TIE under bf16 get fp32's probabilities;
+    the others keep bf16's. The calibrated random model has many near-ties."""
+    import ray_fer.infer as infer
+
+    threshold = infer.NEAR_TIE
+    bundle, _ = load_bundle(random_bundle)
+    net, preset = bundle.build_model(), bundle.eval_preset()
+    pixels, _ = _fer_pixels(fer_root, "val", 20)
+    fp32 = predict_probs(net, preset, pixels)
+    checked = predict_probs(net, preset, pixels, autocast_dtype=torch.bfloat16)
+    monkeypatch.setattr(infer, "NEAR_TIE", 0.0)
+    raw = predict_probs(net, preset, pixels, autocast_dtype=torch.bfloat16)
+    top2 = raw.topk(2, dim=1).values
+    near = (top2[:, 0] - top2[:, 1]) < threshold
+    assert 0 < near.sum() < len(pixels), "the fixture should give some near-ties and some clear rows"
+    assert torch.allclose(checked[near], fp32[near], atol=1e-6)
+    assert torch.equal(checked[~near], raw[~near])
+    agree = lambda probs: int((probs.argmax(1) == fp32.argmax(1)).sum())  # noqa: E731
+    assert agree(checked) >= agree(raw)  # re-computed rows can only join fp32's labels
+
+
 def test_predict_probs_flip_averages_the_mirror_image(tiny_bundle):
     bundle, _ = load_bundle(tiny_bundle)
     net, preset = bundle.build_model(), bundle.eval_preset()
