@@ -54,6 +54,14 @@ def median_rates(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, d
     return out
 
 
+def print_rates(rates: dict[str, Any], name_width: int = 22, rate_width: int = 8) -> None:
+    """One line per timed variant of `median_rates`' result (other entries, e.g. ratios, skipped)."""
+    for name, r in rates.items():
+        if isinstance(r, dict):
+            print(f"   {name:<{name_width}} {r['images_per_s']:>{rate_width},.0f} images/s  "
+                  f"({r['seconds']:.2f} s; all {r['all_seconds']})")
+
+
 # --------------------------------------------------------------------------------------------
 # 1. Ingest
 
@@ -278,8 +286,7 @@ def main() -> None:
         results["ingest"] = ingest
         print("\n1. ingest (list + read + decode + preprocess to "
               f"{args.image_size} px), median of {args.repeats}")
-        for name, r in ingest.items():
-            print(f"   {name:<12} {r['images_per_s']:>9,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
+        print_rates(ingest, name_width=12, rate_width=9)
         print(f"   pipeline / read_images = {ingest['pipeline']['images_per_s'] / ingest['read_images']['images_per_s']:.1f}x",
               flush=True)
 
@@ -297,9 +304,7 @@ def main() -> None:
         results["e2e"] = e2e
         print(f"\n2. end to end (files -> Parquet, EfficientNet-B0 at {args.image_size} px), "
               f"{e2e['pipeline']['images']:,} images, median of {args.e2e_repeats}")
-        for name, r in e2e.items():
-            if isinstance(r, dict):
-                print(f"   {name:<22} {r['images_per_s']:>8,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
+        print_rates(e2e)
         print(f"   pipeline / best plain loop = {e2e['ratio_vs_best_plain']:.2f}x", flush=True)
 
         if args.large_data and not os.path.isdir(args.large_data):
@@ -321,9 +326,7 @@ def main() -> None:
             results["e2e_large"] = large
             print(f"\n2b. end to end on {args.large_data} ({large['pipeline']['images']:,} images), "
                   f"median of {args.large_repeats}")
-            for name, r in large.items():
-                if isinstance(r, dict):
-                    print(f"   {name:<22} {r['images_per_s']:>8,.0f} images/s  ({r['seconds']:.2f} s; all {r['all_seconds']})")
+            print_rates(large)
             print(f"   pipeline / plain loop = {large['ratio_vs_plain']:.2f}x")
             if "pipeline_steady_images_per_s" in large:
                 print(f"   from the two sizes: pipeline start-up {large['pipeline_startup_s']:.1f} s, then "

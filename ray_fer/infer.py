@@ -114,7 +114,7 @@ def predict_probs(
     and normalising by `preset` (the bundle's EvalPreset) happen there. With a TTA mode the
     probabilities are averaged over `images.tta_views`. `autocast_dtype` (bf16 / fp16) runs the
     model under autocast, then re-computes in fp32 the rows whose top two classes are closer
-    than NEAR_TIE, so the labels are fp32's; the softmax is always float32. `forward` replaces
+    than NEAR_TIE, where bf16's rounding could flip the label; the softmax is always float32. `forward` replaces
     the autocast model call (a compiled `_forward` of the same model and dtype; see Predictor).
     """
     device = next(model.parameters()).device
