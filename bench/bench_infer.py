@@ -80,7 +80,7 @@ def _preprocess_count(batch: dict[str, np.ndarray], *, image_size: int) -> dict[
 
 def ingest_pipeline(data: str, image_size: int) -> int:
     from ray_fer.data import decoded_dataset
-    from ray_fer.infer import list_inputs
+    from ray_fer.inputs import list_inputs
 
     ds = decoded_dataset(list_inputs(data), decode_size=48, keep_errors=True)
     ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=None,
@@ -166,7 +166,7 @@ def e2e_plain_torch(data: str, model: str, out: str, *, workers: int) -> int:
 def model_speed(model: str, image_size: int, data: str, seconds: float = 4.0) -> dict[str, float]:
     from ray_fer import storage
     from ray_fer.decode import IMAGE_EXTENSIONS, decode_image
-    from ray_fer.infer import predict_probs
+    from ray_fer.predictor import predict_probs
     from ray_fer.model import load_bundle
 
     bundle, _ = load_bundle(model)
@@ -194,7 +194,7 @@ def model_speed(model: str, image_size: int, data: str, seconds: float = 4.0) ->
 def bf16_agreement(model: str, data: str) -> dict[str, Any]:
     from ray_fer import storage
     from ray_fer.decode import IMAGE_EXTENSIONS, decode_image
-    from ray_fer.infer import predict_probs
+    from ray_fer.predictor import predict_probs
     from ray_fer.model import load_bundle
 
     bundle, _ = load_bundle(model)

@@ -254,11 +254,9 @@ def main() -> None:
         make_image_folder(work / "label", sizes["label_images"], cpus)
         print(f"synthetic data written in {time.perf_counter() - t0:.1f} s", flush=True)
 
-        from ray_fer.infer import autocast_dtype
-        from ray_fer.train import amp_dtype_for
-        from ray_fer.config import TrainJobConfig, load_config
+        from ray_fer.precision import autocast_dtype
 
-        train_amp = amp_dtype_for(load_config(TrainJobConfig, None, ["data.train=x", "data.val=y"]), device)
+        train_amp = autocast_dtype("auto", device, training=True)
         infer_amp = autocast_dtype("auto", device)
         results["train_model_only_img_s"] = model_only_train(sizes["image_size"], sizes["batch_size"], device, train_amp)
         results["label_model_only_img_s"] = model_only_infer(sizes["image_size"], 512 if mode == "gpu" else 64,

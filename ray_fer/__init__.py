@@ -1,7 +1,10 @@
 """ray-fer: facial expression recognition at scale on Ray.
 
-Train EfficientNet-B0 with Ray Train (`ray_fer.train`), label image stores with Ray Data
-(`ray_fer.infer`), and judge models (`ray_fer.evaluate`).
+Labelling (`infer`): files -> decode tasks (`data`, `decode`) -> predictor actors (`predictor`)
+-> Parquet + `_SUCCESS` (`output`). Training (`train`): image folders -> decoded uint8 faces
+(`data`) -> Ray Train workers -> checkpoints (`runs`) -> the best one as a model bundle (`model`).
+Evaluation (`evaluate`) runs labelling's chain over a labelled folder into `metrics` and `report`.
+docs/architecture.md maps every module.
 """
 
 __version__ = "0.1.0"

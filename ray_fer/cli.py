@@ -82,7 +82,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.evaluate import report_run
+    from ray_fer.report import report_run
 
     return report_run(args.run)
 
@@ -97,7 +97,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.evaluate import format_predictions, predict_files
+    from ray_fer.predict import format_predictions, predict_files
 
     result = predict_files(args.model, args.images, tta=args.tta, top=args.top)
     print(format_predictions(result), flush=True)
@@ -112,7 +112,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.evaluate import compare_metrics, format_comparison, load_metrics
+    from ray_fer.metrics import compare_metrics
+    from ray_fer.report import format_comparison, load_metrics
 
     a, b = load_metrics(args.a), load_metrics(args.b)
     cmp = compare_metrics(a, b)

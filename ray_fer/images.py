@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ray_fer.config import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -141,6 +143,12 @@ def train_preset(name: str, *, image_size: int, channels_last: bool = True) -> E
 
 TTA_MODES = ("none", "flip", "tencrop")
 TENCROP_FRACTION = 0.9  # crop side / image side: a 10% shift and 1.1x zoom, inside the training augmentation
+
+
+def check_tta(mode: str) -> None:
+    """Refuse an unknown test-time augmentation where the user gave it, naming the choices."""
+    if mode not in TTA_MODES:
+        raise UserError(f"unknown --tta {mode!r}; choose one of: {', '.join(TTA_MODES)}")
 
 
 def tta_views(pixels: torch.Tensor, mode: str) -> list[torch.Tensor]:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from ray_fer.config import UserError
+
 SCHEMES = ("s3://",)
+S3_HINT = ", the bucket name, AWS credentials and AWS_ENDPOINT_URL (for S3-compatible stores)"
+
+
+class StorageError(UserError):
+    """A path or URI that cannot be used; the message names it and the fix."""
 
 
 def is_remote(uri: str) -> bool:
@@ -159,3 +166,25 @@ def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+def check_bucket(uri: str, role: str) -> None:
+    """Refuse an s3:// URI whose bucket does not exist; `role` ("input", "output") names it."""
+    if not is_remote(uri):
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if info(f"s3://{bucket}").type == pafs.FileType.NotFound:
+        raise StorageError(f"{role} bucket s3://{bucket} does not exist; check the bucket name"
+                           + (", or create it" if role == "output" else "")
+                           + " (and AWS_ENDPOINT_URL for S3-compatible stores)")
+
+
+def hint(uri: str) -> str:
+    """What to check when `uri` cannot be read: the S3 settings for s3:// URIs."""
+    return S3_HINT if is_remote(uri) else ""
+
+
+def short_error(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]

@@ -16,7 +16,6 @@ import signal
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -27,15 +26,14 @@ from torch import nn
 from ray_fer import storage
 from ray_fer.config import ConfigError, TrainJobConfig, from_dict, to_yaml
 from ray_fer.data import image_folder_dataset, list_image_folder
-from ray_fer.evaluate import write_training_report
 from ray_fer.images import EvalPreset, train_preset
 from ray_fer.model import ModelBundle, build_model, save_bundle, unwrap
+from ray_fer.precision import autocast_dtype
+from ray_fer.report import write_training_report
+from ray_fer.runs import BUNDLE_FILE, CONFIG_FILE, load_state, run_dir, storage_root, write_state
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
-BUNDLE_FILE = "model.pt"  # the exported best model, in the run folder
-CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder
 SHUFFLE_BUFFER = 2048  # rows in each worker's local shuffle buffer, on top of random block order
 
 
@@ -125,7 +123,7 @@ def _kill_self() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Optimiser, schedule, precision
+# Optimiser and schedule
 
 
 def scaled_lr(cfg: TrainJobConfig, world_size: int) -> float:
@@ -159,15 +157,9 @@ def lr_factor(epoch_index: int, cfg: TrainJobConfig) -> float:
     return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))  # floor: the last epoch still learns
 
 
-def amp_dtype_for(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
-    choice = cfg.train.amp
-    if choice == "off" or (choice == "auto" and device.type != "cuda"):
-        return None  # bf16 autocast makes CPU training slower (ML-NOTES)
-    if choice == "fp16":
-        return torch.float16
-    if choice == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast, whose small range underflows gradients; None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,15 +188,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     lr = scaled_lr(cfg, world)
     optimizer = make_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
-    amp_dtype = amp_dtype_for(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    amp_dtype = autocast_dtype(cfg.train.amp, device, training=True)
+    scaler = grad_scaler(amp_dtype, device)
 
     history: list[dict[str, Any]] = []
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_state(checkpoint)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -264,7 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({
+                write_state(tmp, {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -274,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "history": history,
                     "metrics": metrics,
                     "config": asdict(cfg),
-                }, Path(tmp) / STATE_FILE)
+                })
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
@@ -314,15 +305,6 @@ def _gather_rng_states(world: int) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------
 # The driver
-
-
-def run_dir(cfg: TrainJobConfig) -> str:
-    return storage.join(storage_root(cfg), cfg.run.name)
-
-
-def storage_root(cfg: TrainJobConfig) -> str:
-    root = cfg.run.storage_path
-    return root.rstrip("/") if storage.is_remote(root) else os.path.abspath(os.path.expanduser(root))
 
 
 def check_inputs(cfg: TrainJobConfig):
@@ -425,8 +407,8 @@ def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
     best = result.get_best_checkpoint("val_loss", "min")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
-    best_state = _load_state(best)
-    history = _load_state(result.checkpoint)["history"]
+    best_state = load_state(best)
+    history = load_state(result.checkpoint)["history"]
     bundle = ModelBundle(
         state_dict=best_state["model"],
         image_size=cfg.data.image_size,
@@ -449,8 +431,3 @@ def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
         "model_id": model_id,
         "curves": report.get("curves"),
     }
-
-
-def _load_state(checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)

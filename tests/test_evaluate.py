@@ -14,6 +14,7 @@ from PIL import Image
 
 from ray_fer import cli, storage
 from ray_fer import evaluate as ev
+from ray_fer import metrics, predict, report
 from ray_fer.images import EvalPreset, tta_views
 from ray_fer.labels import CLASSES
 from ray_fer.model import ModelBundle, build_model, save_bundle
@@ -29,7 +30,7 @@ Y_PRED = [0, 0, 1, 2, 1, 0, 2, 2, 4, 3, 0, 2]
 
 
 def test_metrics_match_hand_computed_values():
-    m = ev.classification_metrics(Y_TRUE, Y_PRED)
+    m = metrics.classification_metrics(Y_TRUE, Y_PRED)
     pc = m["per_class"]
     assert m["num_images"] == 12
     assert m["accuracy"] == pytest.approx(6 / 12)
@@ -58,14 +59,14 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_metrics_edge_cases():
-    perfect = ev.classification_metrics([0, 1, 2], [0, 1, 2])
+    perfect = metrics.classification_metrics([0, 1, 2], [0, 1, 2])
     assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0
-    empty = ev.classification_metrics([], [])
+    empty = metrics.classification_metrics([], [])
     assert empty["num_images"] == 0 and empty["accuracy"] is None and empty["macro_f1"] is None
     with pytest.raises(ValueError, match="outside"):
-        ev.confusion_matrix([0, 7], [0, 1])
+        metrics.confusion_matrix([0, 7], [0, 1])
     with pytest.raises(ValueError, match="length"):
-        ev.confusion_matrix([0, 1], [0])
+        metrics.confusion_matrix([0, 1], [0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def _metrics_with_identity() -> dict:
-    m = ev.classification_metrics(Y_TRUE, Y_PRED)
+    m = metrics.classification_metrics(Y_TRUE, Y_PRED)
     m.update(model={"uri": "runs/x/model.pt", "id": "0123456789abcdef", "image_size": 64},
              data="/data/val", tta="flip", num_errors=1)
     return m
@@ -88,16 +89,16 @@ def _metrics_with_identity() -> dict:
 
 def test_evaluation_outputs_agree(tmp_path):
     m = _metrics_with_identity()
-    paths = ev.write_evaluation(str(tmp_path), m)
+    paths = report.write_evaluation(str(tmp_path), m)
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     w, h = _png_size((tmp_path / "confusion_matrix.png").read_bytes())
     assert 800 <= w <= 2500 and 700 <= h <= 2500
-    report = (tmp_path / "report.md").read_text()
-    assert "0123456789abcdef" in report and "flip" in report and "confusion_matrix.png" in report
-    assert f"accuracy {m['accuracy']:.2%}" in report and f"macro-F1 {m['macro_f1']:.3f}" in report
+    text = (tmp_path / "report.md").read_text()
+    assert "0123456789abcdef" in text and "flip" in text and "confusion_matrix.png" in text
+    assert f"accuracy {m['accuracy']:.2%}" in text and f"macro-F1 {m['macro_f1']:.3f}" in text
     # every per-class row of the table equals metrics.json at the printed precision
     for name in CLASSES:
-        row = re.search(rf"^\| {name} \| (.+) \|$", report, re.M).group(1).split(" | ")
+        row = re.search(rf"^\| {name} \| (.+) \|$", text, re.M).group(1).split(" | ")
         want = m["per_class"][name]
         for cell, key in zip(row, ("precision", "recall", "f1")):
             assert cell == ("–" if want[key] is None else f"{want[key]:.3f}"), (name, key)
@@ -112,9 +113,9 @@ def test_training_report_local_and_s3(tmp_path, s3_bucket):
          "train_acc": 0.2 + 0.1 * e, "val_acc": 0.2 + 0.08 * e, "lr": 1e-3}
         for e in range(1, 7)
     ]
-    assert ev.best_epoch_of(history) == 4  # lowest val_loss
+    assert metrics.best_epoch_of(history) == 4  # lowest val_loss
     for run_dir in (str(tmp_path / "run"), f"s3://{s3_bucket}/runs/fer"):
-        paths = ev.write_training_report(run_dir, history)
+        paths = report.write_training_report(run_dir, history)
         w, h = _png_size(storage.read_bytes(paths["curves"]))
         assert w >= 1000 and h >= 400
         lines = storage.read_bytes(paths["metrics_csv"]).decode().splitlines()
@@ -124,26 +125,26 @@ def test_training_report_local_and_s3(tmp_path, s3_bucket):
 
 
 def test_history_keeps_the_last_row_of_a_repeated_epoch():
-    rows = ev.clean_history([{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 1.0},
+    rows = metrics.clean_history([{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 1.0},
                              {"epoch": 2, "val_loss": 1.5}])
     assert [r["val_loss"] for r in rows] == [2.0, 1.5]
     # one epoch, or no validation metrics, still draws
-    _png_size(ev.plot_training_curves([{"epoch": 1, "train_loss": 1.9}], best_epoch=None))
+    _png_size(report.plot_training_curves([{"epoch": 1, "train_loss": 1.9}], best_epoch=None))
 
 
 def test_compare(tmp_path):
     a = _metrics_with_identity()
-    b = ev.classification_metrics(Y_TRUE, Y_TRUE)
+    b = metrics.classification_metrics(Y_TRUE, Y_TRUE)
     b.update(model={"id": "fedcba9876543210"}, data="/data/val", tta="tencrop")
-    cmp = ev.compare_metrics(a, b)
+    cmp = metrics.compare_metrics(a, b)
     assert cmp["accuracy_delta"] == pytest.approx(0.5)
     assert cmp["per_class"]["sad"]["recall_delta"] == pytest.approx(1.0)
     assert cmp["per_class"]["neutral"]["f1_delta"] is None
     assert cmp["warnings"] == []
-    text = ev.format_comparison(a, b, cmp)
+    text = report.format_comparison(a, b, cmp)
     assert "| sad | 2 | 0.000 | 1.000 | +1.000 |" in text
     b["data"] = "/other"
-    assert "different data" in ev.compare_metrics(a, b)["warnings"][0]
+    assert "different data" in metrics.compare_metrics(a, b)["warnings"][0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def bundle_path(tmp_path_factory) -> str:
 
 
 def test_report_run_from_bundle_and_from_checkpoint(tmp_path, bundle_path):
-    summary = ev.report_run(str(Path(bundle_path).parent))
+    summary = report.report_run(str(Path(bundle_path).parent))
     assert summary["best_epoch"] == 2 and summary["epochs"] == 2
     # a run still going: no model.pt yet, the latest checkpoint's state holds the history
     run = tmp_path / "fer"
@@ -192,7 +193,7 @@ def test_report_run_from_bundle_and_from_checkpoint(tmp_path, bundle_path):
         (run / name).mkdir(parents=True)
         hist = [{"epoch": e, "val_loss": [1.8, 1.6, 1.7][e - 1], "val_acc": 0.3} for e in range(1, epochs + 1)]
         torch.save({"history": hist, "epoch": epochs}, run / name / "state.pt")
-    summary = ev.report_run(str(run))
+    summary = report.report_run(str(run))
     assert summary["epochs"] == 3 and summary["best_epoch"] == 2
     assert (run / "curves.png").is_file() and (run / "metrics.csv").is_file()
 
@@ -224,7 +225,7 @@ def small_model(bundle_path):
 
 
 def test_tta_equals_averaging_hand_made_views(small_model):
-    from ray_fer.infer import predict_probs
+    from ray_fer.predictor import predict_probs
 
     net, preset = small_model
     x = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -245,11 +246,11 @@ def test_tta_equals_averaging_hand_made_views(small_model):
 
 def test_predict_files(fer_root, bundle_path, small_model, tmp_path):
     from ray_fer.decode import decode_image
-    from ray_fer.infer import predict_probs
+    from ray_fer.predictor import predict_probs
 
     files = sorted(str(p) for p in (fer_root / "val" / "fear").glob("*.jpg"))[:3]
     (tmp_path / "notes.jpg").write_text("not an image")
-    result = ev.predict_files(bundle_path, [*files, str(tmp_path / "notes.jpg")], tta="flip", top=2)
+    result = predict.predict_files(bundle_path, [*files, str(tmp_path / "notes.jpg")], tta="flip", top=2)
     rows = result["predictions"]
     assert [r["path"] for r in rows] == [*files, str(tmp_path / "notes.jpg")]
     assert "error" in rows[3] and "label" not in rows[3]
@@ -260,7 +261,7 @@ def test_predict_files(fer_root, bundle_path, small_model, tmp_path):
         assert row["label"] == CLASSES[int(p.argmax())]
         assert [name for name, _ in row["top"]] == [CLASSES[i] for i in torch.argsort(p, descending=True)[:2]]
         assert row["confidence"] == pytest.approx(float(p.max()), abs=1e-4)
-    table = ev.format_predictions(result)
+    table = predict.format_predictions(result)
     assert "error: " in table and rows[0]["label"] in table.splitlines()[1]
 
 
@@ -334,8 +335,8 @@ def _run_cli(argv, capsys):
 
 def test_cli_compare_and_report(tmp_path, capsys, bundle_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    ev.write_evaluation(str(a), _metrics_with_identity())
-    ev.write_evaluation(str(b), _metrics_with_identity())
+    report.write_evaluation(str(a), _metrics_with_identity())
+    report.write_evaluation(str(b), _metrics_with_identity())
     code, out, _ = _run_cli(["compare", str(a / "metrics.json"), str(b)], capsys)
     assert code == 0 and "| angry |" in out
     assert json.loads(out.strip().splitlines()[-1])["accuracy_delta"] == 0.0

@@ -22,19 +22,12 @@ from ray_fer import storage
 from ray_fer.cli import main
 from ray_fer.config import ConfigError, InferConfig, load_config
 from ray_fer.decode import decode_image
-from ray_fer.infer import (
-    SUCCESS_FILE,
-    InferError,
-    Predictor,
-    autocast_dtype,
-    cpu_has_native_bf16,
-    fold_batchnorm,
-    label_images,
-    list_inputs,
-    plan_predictors,
-    predict_probs,
-    prepare_output,
-)
+from ray_fer.config import UserError
+from ray_fer.infer import label_images
+from ray_fer.inputs import InputError, list_inputs
+from ray_fer.output import SUCCESS_FILE, OutputError, prepare_output
+from ray_fer.precision import autocast_dtype, cpu_has_native_bf16
+from ray_fer.predictor import PlanError, Predictor, fold_batchnorm, plan_predictors, predict_probs
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import ModelBundle, build_model, load_bundle, save_bundle
 from test_decode import corrupt_jpeg, encode, halves, png_header_only
@@ -150,15 +143,15 @@ def test_predict_probs_shape_dtype_and_sum(tiny_bundle):
 def test_bf16_near_ties_are_recomputed_in_fp32(random_bundle, fer_root, monkeypatch):
     """Rows whose two top classes are closer than NEAR_TIE under bf16 get fp32's probabilities;
     the others keep bf16's. The calibrated random model has many near-ties."""
-    import ray_fer.infer as infer
+    import ray_fer.predictor as predictor
 
-    threshold = infer.NEAR_TIE
+    threshold = predictor.NEAR_TIE
     bundle, _ = load_bundle(random_bundle)
     net, preset = bundle.build_model(), bundle.eval_preset()
     pixels, _ = _fer_pixels(fer_root, "val", 20)
     fp32 = predict_probs(net, preset, pixels)
     checked = predict_probs(net, preset, pixels, autocast_dtype=torch.bfloat16)
-    monkeypatch.setattr(infer, "NEAR_TIE", 0.0)
+    monkeypatch.setattr(predictor, "NEAR_TIE", 0.0)
     raw = predict_probs(net, preset, pixels, autocast_dtype=torch.bfloat16)
     top2 = raw.topk(2, dim=1).values
     near = (top2[:, 0] - top2[:, 1]) < threshold
@@ -181,25 +174,13 @@ def test_predict_probs_flip_averages_the_mirror_image(tiny_bundle):
 
 
 def test_folded_batchnorm_gives_the_same_probabilities(tiny_bundle):
-    from ray_fer.infer import fold_batchnorm
-
+    
     bundle, _ = load_bundle(tiny_bundle)
     pixels = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8)
     plain = predict_probs(bundle.build_model(), bundle.eval_preset(), pixels)
     folded = fold_batchnorm(bundle.build_model())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(predict_probs(folded, bundle.eval_preset(), pixels), plain, atol=1e-5)
-
-
-def test_precision_settings():
-    cpu = torch.device("cpu")
-    assert autocast_dtype("fp32", cpu) is None
-    assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
-    with pytest.raises(ValueError, match="auto, bf16, fp32"):
-        autocast_dtype("fp8", cpu)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,9 +269,9 @@ def test_gpu_plan_is_one_actor_per_gpu():
 
 
 def test_plan_errors_name_the_fix():
-    with pytest.raises(InferError, match="no GPUs; use --set device=auto"):
+    with pytest.raises(PlanError, match="no GPUs; use --set device=auto"):
         plan_predictors({"CPU": 4}, device="gpu")
-    with pytest.raises(InferError, match="actors=3 but the Ray cluster has 2 GPUs"):
+    with pytest.raises(PlanError, match="actors=3 but the Ray cluster has 2 GPUs"):
         plan_predictors({"CPU": 4, "GPU": 2}, actors=3)
 
 
@@ -307,16 +288,16 @@ def test_list_inputs_recurses_and_filters_extensions(tmp_path):
 
 
 def test_list_inputs_errors_name_the_path_and_the_fix(tmp_path):
-    with pytest.raises(InferError, match=f"input '{tmp_path}/nope' does not exist; pass a folder"):
+    with pytest.raises(InputError, match=f"input '{tmp_path}/nope' does not exist; pass a folder"):
         list_inputs(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    with pytest.raises(InferError, match="no images under .*empty"):
+    with pytest.raises(InputError, match="no images under .*empty"):
         list_inputs(str(tmp_path / "empty"))
     (tmp_path / "face.jpg").write_bytes(b"x")
-    with pytest.raises(InferError, match="is a file; pass a folder"):
+    with pytest.raises(InputError, match="is a file; pass a folder"):
         list_inputs(str(tmp_path / "face.jpg"))
-    with pytest.raises(InferError, match="unsupported storage scheme"):
+    with pytest.raises(InputError, match="unsupported storage scheme"):
         list_inputs("gs://bucket/faces")
 
 
@@ -329,7 +310,7 @@ def test_manifests_parquet_and_csv(tmp_path):
     assert list_inputs(str(tmp_path / "list.csv"))["path"].to_pylist() == [
         "s3://bucket/x.jpg", str(tmp_path / "faces" / "c.png")]
     (tmp_path / "bad.csv").write_text("file,label\nx.jpg,happy\n")
-    with pytest.raises(InferError, match="has no 'path' column \\(it has: file, label\\)"):
+    with pytest.raises(InputError, match="has no 'path' column \\(it has: file, label\\)"):
         list_inputs(str(tmp_path / "bad.csv"))
 
 
@@ -338,17 +319,17 @@ def test_output_checks(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"path": ["/a.jpg"], "model": ["m"]}), out / "part.parquet")
-    with pytest.raises(InferError, match="is not empty \\(1 files\\); pass --overwrite .* --skip-existing"):
+    with pytest.raises(OutputError, match="is not empty \\(1 files\\); pass --overwrite .* --skip-existing"):
         prepare_output(str(out), overwrite=False, skip_existing=False, model_id="m")
-    with pytest.raises(InferError, match="labelled by model m, not other; pass the same --model"):
+    with pytest.raises(OutputError, match="labelled by model m, not other; pass the same --model"):
         prepare_output(str(out), overwrite=False, skip_existing=True, model_id="other")
     assert prepare_output(str(out), overwrite=False, skip_existing=True, model_id="m").to_pylist() == ["/a.jpg"]
     (out / "notes.md").write_text("mine")
-    with pytest.raises(InferError, match="holds files ray-fer did not write .*notes.md"):
+    with pytest.raises(OutputError, match="holds files ray-fer did not write .*notes.md"):
         prepare_output(str(out), overwrite=True, skip_existing=False, model_id="m")
     assert (out / "part.parquet").exists()  # nothing deleted
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InferError, match="is a file"):
+    with pytest.raises(OutputError, match="is a file"):
         prepare_output(str(tmp_path / "file"), overwrite=False, skip_existing=False, model_id="m")
 
 
@@ -510,7 +491,7 @@ def test_overwrite_refusal_and_skip_existing_resume(ray_local, fer_root, random_
     first = label_images(cfg)
     assert (first["images"], first["errors"]) == (29, 1)
 
-    with pytest.raises(InferError, match="is not empty .* pass --overwrite"):
+    with pytest.raises(UserError, match="is not empty .* pass --overwrite"):
         label_images(cfg)
     again = label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out), overwrite=True))
     assert (again["images"], again["processed"]) == (29, 29)
@@ -531,7 +512,7 @@ def test_overwrite_refusal_and_skip_existing_resume(ray_local, fer_root, random_
     done = label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out), skip_existing=True))
     assert (done["processed"], done["images"]) == (0, 43)
     # resuming with another model would mix two models in one table
-    with pytest.raises(InferError, match="labelled by model .*pass the same --model"):
+    with pytest.raises(UserError, match="labelled by model .*pass the same --model"):
         label_images(InferConfig(model=tiny_bundle, input=str(folder), output=str(out), skip_existing=True))
 
 
@@ -562,11 +543,11 @@ def test_s3_round_trip_with_the_model_on_s3(ray_local, s3_bucket, fer_root, rand
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(marker) and secret not in json.dumps(summary)
 
-    with pytest.raises(InferError, match="is not empty"):
+    with pytest.raises(UserError, match="is not empty"):
         label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/in", output=dst))
-    with pytest.raises(InferError, match=f"no images under 's3://{s3_bucket}/nothing'"):
+    with pytest.raises(UserError, match=f"no images under 's3://{s3_bucket}/nothing'"):
         label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/nothing", output=dst + "2"))
-    with pytest.raises(InferError, match="input bucket s3://no-such-bucket-here does not exist"):
+    with pytest.raises(UserError, match="input bucket s3://no-such-bucket-here does not exist"):
         label_images(InferConfig(model=random_bundle, input="s3://no-such-bucket-here/in", output=str(tmp_path / "o")))
 
 

@@ -17,7 +17,8 @@ import torch
 
 from ray_fer.config import TrainJobConfig, load_config
 from ray_fer.model import load_bundle
-from ray_fer.train import STATE_FILE, lr_factor, run_training, scaled_lr
+from ray_fer.runs import STATE_FILE
+from ray_fer.train import lr_factor, run_training, scaled_lr
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,286 @@
+"""Pictures and reports: the confusion matrix, training curves, metrics.csv, report.md and the
+plain-text tables the CLI prints. Numbers come from `metrics`; files go through `storage`
+(local folder or s3:// prefix). matplotlib draws on its Agg canvas, one per figure: no pyplot, no
+display, no global backend switch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from ray_fer import storage
+from ray_fer.config import UserError
+from ray_fer.labels import CLASSES
+from ray_fer.metrics import as_float, best_epoch_of, clean_history, top_confusions
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion_matrix.png"
+REPORT_FILE = "report.md"
+CURVES_FILE = "curves.png"
+HISTORY_CSV = "metrics.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _new_figure(figsize: tuple[float, float], dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)  # headless: renders to PNG without a display or pyplot's global state
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str] = CLASSES, *, title: str = "") -> bytes:
+    """PNG of the confusion matrix, coloured by share of each true class, counts annotated."""
+    import matplotlib
+    from matplotlib.ticker import PercentFormatter
+
+    cm = np.asarray(cm, dtype=np.int64)
+    k = len(classes)
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = cm / support[:, None]  # NaN rows for classes without samples: drawn grey
+    fig = _new_figure((1.05 * k + 1.9, 0.9 * k + 1.6), 150)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.9")
+    im = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            if support[i] == 0:
+                text, colour = f"{cm[i, j]}", "0.3"
+            else:
+                text, colour = f"{cm[i, j]}\n{share[i, j]:.0%}", ("white" if share[i, j] > 0.55 else "black")
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8.5,
+                    fontweight="bold" if i == j else "normal")
+    ax.set_xticks(range(k), labels=list(classes), rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=[f"{c} ({support[i]:,})" for i, c in enumerate(classes)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (images)")
+    ax.tick_params(length=0)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.85)
+    cbar.set_label("share of the true class")
+    cbar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], best_epoch: int | None = None, *,
+                         title: str = "") -> bytes:
+    """PNG of train/val loss and accuracy per epoch, with the best epoch marked."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    rows = clean_history(history)
+    epochs = [r["epoch"] for r in rows]
+    fig = _new_figure((11.0, 4.3), 130)
+    axes = fig.subplots(1, 2)
+    panels = (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")))
+    for ax, (what, keys) in zip(axes, panels):
+        values_seen: list[float] = []
+        for key, colour in zip(keys, ("tab:blue", "tab:orange")):
+            ys = [as_float(r.get(key)) for r in rows]
+            if all(math.isnan(y) for y in ys):
+                continue
+            values_seen += [y for y in ys if not math.isnan(y)]
+            ax.plot(epochs, ys, marker="o", markersize=3.5, color=colour, label=key.replace("_", " "))
+            if best_epoch is not None and best_epoch in epochs:
+                y = ys[epochs.index(best_epoch)]
+                if not math.isnan(y):
+                    right_half = best_epoch > (epochs[0] + epochs[-1]) / 2  # keep the label inside the axes
+                    ax.annotate(f"{y:.1%}" if what == "accuracy" and y <= 1 else f"{y:.3f}", (best_epoch, y),
+                                textcoords="offset points", xytext=(-6 if right_half else 6, 6),
+                                ha="right" if right_half else "left", fontsize=8, color=colour)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, linestyle="--", color="0.45", linewidth=1, label=f"best epoch ({best_epoch})")
+        if what == "accuracy" and values_seen and max(values_seen) <= 1.0:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if epochs and epochs[-1] - epochs[0] < 4:  # a short run: one tick per epoch, points off the edges
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(y=0.1)  # room for the best-epoch labels
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _png(fig)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs: curves.png and metrics.csv from the per-epoch history
+
+
+def history_csv(history: Sequence[dict[str, Any]]) -> str:
+    """The per-epoch metrics as CSV text: epoch first, then every key in order of appearance."""
+    rows = clean_history(history)
+    columns: list[str] = ["epoch"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_training_report(run_dir: str, history: Sequence[dict[str, Any]], best_epoch: int | None = None,
+                          *, title: str = "") -> dict[str, str]:
+    """Write curves.png and metrics.csv into a run folder (local or s3://); returns their URIs.
+
+    best_epoch defaults to the epoch with the lowest val_loss. An empty history writes nothing.
+    """
+    if not history:
+        log.warning("no per-epoch metrics to report for %s", run_dir)
+        return {}
+    if best_epoch is None:
+        best_epoch = best_epoch_of(history)
+    curves = storage.join(run_dir, CURVES_FILE)
+    table = storage.join(run_dir, HISTORY_CSV)
+    storage.write_bytes(curves, plot_training_curves(history, best_epoch,
+                                                     title=title or f"training curves: {storage.basename(run_dir)}"))
+    storage.write_bytes(table, history_csv(history).encode())
+    log.info("wrote %s and %s", curves, table)
+    return {"curves": curves, "metrics_csv": table}
+
+
+
+def report_run(run: str) -> dict[str, Any]:
+    """`ray-fer report RUN`: write curves.png and metrics.csv into the run folder; returns a summary."""
+    from ray_fer.runs import load_run_history
+
+    history, best, source = load_run_history(run)
+    if not history:
+        raise UserError(f"{source!r} holds no per-epoch metrics yet; wait for the first epoch to finish")
+    if best is None:
+        best = best_epoch_of(history)
+    paths = write_training_report(run, history, best)
+    rows = clean_history(history)
+    best_row = next((r for r in rows if r["epoch"] == best), rows[-1])
+    return {"run": run, "epochs": len(rows), "best_epoch": best,
+            "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"), **paths}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluations: metrics.json, confusion_matrix.png, report.md; comparisons
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2%}" if percent else f"{value:.3f}"
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    """report.md: the headline numbers, the per-class table and the confusion matrix picture."""
+    model = metrics.get("model", {})
+    lines = [f"# Evaluation of model `{model.get('id', '?')}`", ""]
+    if model:
+        lines.append(f"- model: `{model.get('uri', '?')}` (input {model.get('image_size', '?')} px)")
+    if metrics.get("data"):
+        skipped = metrics.get("num_errors", 0)
+        note = f"; {skipped:,} unreadable files skipped" if skipped else ""
+        lines.append(f"- data: `{metrics['data']}`: {metrics['num_images']:,} images{note}")
+    lines += [
+        f"- test-time augmentation: {metrics.get('tta', 'none')}",
+        f"- **accuracy {_fmt(metrics['accuracy'], percent=True)}**, **macro-F1 {_fmt(metrics['macro_f1'])}**, "
+        f"balanced accuracy (mean recall) {_fmt(metrics['macro_recall'], percent=True)}",
+        "",
+        "| class | precision | recall | F1 | support | predicted |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in metrics["classes"]:
+        m = metrics["per_class"][name]
+        lines.append(f"| {name} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} "
+                     f"| {m['support']:,} | {m['predicted']:,} |")
+    lines.append(f"| **macro average** | {_fmt(metrics['macro_precision'])} | {_fmt(metrics['macro_recall'])} "
+                 f"| {_fmt(metrics['macro_f1'])} | {metrics['num_images']:,} | |")
+    confusions = top_confusions(metrics)
+    if confusions:
+        lines += ["", "Most frequent confusions: " + "; ".join(
+            f"{t} taken for {p} ({share:.0%} of {t}, {n:,} images)" for t, p, n, share in confusions) + "."]
+    lines += ["", f"![Confusion matrix, rows normalised per true class]({CONFUSION_FILE})", ""]
+    return "\n".join(lines)
+
+
+def write_evaluation(output: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """Write metrics.json, confusion_matrix.png and report.md into `output`; returns their URIs."""
+    paths = {name: storage.join(output, f) for name, f in
+             (("metrics", METRICS_FILE), ("confusion_matrix", CONFUSION_FILE), ("report", REPORT_FILE))}
+    title = (f"accuracy {_fmt(metrics['accuracy'], percent=True)}, macro-F1 {_fmt(metrics['macro_f1'])}"
+             f"  (n={metrics['num_images']:,}, TTA {metrics.get('tta', 'none')})")
+    storage.write_bytes(paths["metrics"], (json.dumps(metrics, indent=2) + "\n").encode())
+    storage.write_bytes(paths["confusion_matrix"],
+                        plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"], title=title))
+    storage.write_bytes(paths["report"], render_report(metrics).encode())
+    return paths
+
+
+
+def load_metrics(uri: str) -> dict[str, Any]:
+    """A metrics.json written by `evaluate`; a folder holding one is accepted too."""
+    if storage.is_dir(uri):
+        uri = storage.join(uri, METRICS_FILE)
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"cannot read {uri!r}: {e}; pass the metrics.json that `ray-fer evaluate` wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{uri!r} is not JSON ({e}); pass the metrics.json that `ray-fer evaluate` wrote") from None
+    if not isinstance(data, dict) or "per_class" not in data or "accuracy" not in data:
+        raise UserError(f"{uri!r} is not a metrics.json written by `ray-fer evaluate` (no per_class/accuracy)")
+    return data
+
+
+
+def format_comparison(a: dict[str, Any], b: dict[str, Any], cmp: dict[str, Any],
+                      names: tuple[str, str] = ("A", "B")) -> str:
+    """A Markdown table of two evaluations side by side, per class, with B - A."""
+    def label(m: dict[str, Any]) -> str:
+        return f"{m.get('model', {}).get('id', '?')}, TTA {m.get('tta', 'none')}"
+
+    def d(x: float | None) -> str:
+        return "–" if x is None else f"{x:+.3f}"
+
+    na, nb = names
+    lines = [f"A: {na} ({label(a)})", f"B: {nb} ({label(b)})", ""]
+    lines += [f"warning: {w}" for w in cmp["warnings"]]
+    if cmp["warnings"]:
+        lines.append("")
+    lines += [
+        "| class | support | recall A | recall B | Δ recall | F1 A | F1 B | Δ F1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in cmp["per_class"].items():
+        sa, sb = m["support"]
+        support = f"{sa:,}" if sa == sb else f"{sa:,} / {sb:,}"
+        lines.append(f"| {name} | {support} | {_fmt(m['recall'][0])} | {_fmt(m['recall'][1])} | "
+                     f"{d(m['recall_delta'])} | {_fmt(m['f1'][0])} | {_fmt(m['f1'][1])} | {d(m['f1_delta'])} |")
+    lines.append(f"| **accuracy** | | {_fmt(a['accuracy'])} | {_fmt(b['accuracy'])} | {d(cmp['accuracy_delta'])} "
+                 "| | | |")
+    lines.append(f"| **macro-F1** | | | | | {_fmt(a['macro_f1'])} | {_fmt(b['macro_f1'])} "
+                 f"| {d(cmp['macro_f1_delta'])} |")
+    return "\n".join(lines)
