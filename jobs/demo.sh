@@ -24,11 +24,11 @@ fi
 echo "== 1/3 training EfficientNet-B0 on $DATA/train (500 images per class, 64 px, 10 epochs) -> $RUNS/demo"
 echo "   (re-running resumes the finished run; delete $RUNS/demo for a fresh one)"
 ray-fer train --config jobs/demo.yaml \
-  --set data.train="$DATA/train" --set data.val="$VAL" --set run.storage_path="$RUNS" | tail -n 1
+  --set data.train="$DATA/train" --set data.val="$VAL" --set run.storage_path="$RUNS"
 MODEL="$RUNS/demo/model.pt"
 
 echo "== 2/3 labelling $VAL with $MODEL -> $OUT/labels"
-ray-fer infer --model "$MODEL" --input "$VAL" --output "$OUT/labels" --overwrite | tail -n 1
+ray-fer infer --model "$MODEL" --input "$VAL" --output "$OUT/labels" --overwrite
 python - "$OUT/labels" <<'PY'
 import sys
 import pyarrow.dataset as ds
@@ -39,5 +39,5 @@ print(f"... {table.num_rows} rows in {sys.argv[1]}")
 PY
 
 echo "== 3/3 evaluating $MODEL on $VAL -> $OUT/eval"
-ray-fer evaluate --model "$MODEL" --data "$VAL" --output "$OUT/eval" | tail -n 1
+ray-fer evaluate --model "$MODEL" --data "$VAL" --output "$OUT/eval"
 echo "pictures: $OUT/eval/confusion_matrix.png  $RUNS/demo/curves.png   report: $OUT/eval/report.md"

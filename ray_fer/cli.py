@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import sys
 from typing import Any, Callable, NoReturn
 
+from ray_fer import console
 from ray_fer.config import UserError
 
 
@@ -153,18 +153,14 @@ def _option_strings(parser: argparse.ArgumentParser, argv: list[str]) -> list[st
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ray-fer", description="Facial expression recognition at scale on Ray: train, label, evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose_help = "show Ray's own logs (execution plans, progress bars, Train's messages) and debug logging"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare):
         add(sub)
+    for child in sub.choices.values():  # `ray-fer train -v` as well as `ray-fer -v train`
+        child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return parser
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
-    )
 
 
 def run(func: Callable[[], dict[str, Any]], prog: str = "ray-fer") -> int:
@@ -192,7 +188,7 @@ def _flush_ray_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    console.setup(args.verbose)  # before anything imports Ray
     return run(lambda: args.func(args))
 
 

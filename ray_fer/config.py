@@ -90,7 +90,7 @@ class TrainConfig:
 class RunSection:
     name: str = "fer"  # run name; re-running a name resumes it
     storage_path: str = "./runs"  # where runs live (local folder or s3://)
-    shared_storage: bool = False  # storage_path is a filesystem mounted on every node (e.g. NFS)
+    shared_storage: bool = False  # local paths (storage_path, data) are on a filesystem every node mounts (NFS)
     num_workers: int = 1  # Ray Train workers
     use_gpu: Literal["auto", True, False] = "auto"  # auto: use GPUs when the cluster has them
     cpus_per_worker: int | None = None  # CPU threads per worker; default: the node's CPUs / workers

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_fer import storage
+from ray_fer import cluster, console, storage
 from ray_fer.config import UserError
 from ray_fer.data import DataError, find_split, list_image_folder
 from ray_fer.images import check_tta
@@ -56,6 +56,8 @@ def evaluate_folder(
     if tuple(bundle.classes) != CLASSES:
         raise UserError(f"model {model_uri!r} predicts {', '.join(bundle.classes)}; evaluation needs {', '.join(CLASSES)}")
     table = _list_labelled(data, limit_per_class)
+    cluster.connect()
+    cluster.refuse_local_paths({"--data": data})
     if output is None:
         output = _default_output(model_uri, data, tta)
     log.info("evaluating model %s on %d images of %s (tta %s) into %s", model_id, table.num_rows, data, tta, output)
@@ -65,7 +67,12 @@ def evaluate_folder(
     ds = prediction_dataset(table.rename_columns(["path", "true_label"]), bundle, model_id=model_id,
                             tta=tta, precision=precision)
     keep = ["path", "true_label", "label", "confidence", *[f"prob_{c}" for c in CLASSES], "error"]
-    parts = [b.select(keep) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    parts = []
+    progress = console.Progress(table.num_rows)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        parts.append(batch.select(keep))
+        progress.update(progress.done + batch.num_rows)
+    progress.close()
     seconds = time.perf_counter() - t0
     predictions = pa.concat_tables(parts) if parts else pa.table({k: [] for k in keep})
     if predictions.num_rows != table.num_rows:  # the chain keeps one row per file; anything else is a bug

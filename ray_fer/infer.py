@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from ray_fer import __version__
+from ray_fer import __version__, cluster, console
 from ray_fer.config import InferConfig
 from ray_fer.inputs import list_inputs
 from ray_fer.model import load_bundle
@@ -42,6 +42,8 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     bundle, model_id = load_bundle(cfg.model)
     inputs = list_inputs(cfg.input)
+    cluster.connect()
+    cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
     done = prepare_output(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id)
     todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=done))) if len(done) else inputs
     skipped = inputs.num_rows - todo.num_rows
@@ -53,10 +55,12 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
             batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
             compile=cfg.compile,
         )
+        counter = console.RayCounter()
         # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
-        ds = ds.map_batches(to_output, fn_kwargs={"schema": output_schema(bundle.classes)},
+        ds = ds.map_batches(to_output, fn_kwargs={"schema": output_schema(bundle.classes), "counter": counter.actor},
                             batch_format="pyarrow", batch_size=None, num_cpus=0.5)
-        ds.write_parquet(cfg.output, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
+        with counter.watch(console.Progress(todo.num_rows)):
+            ds.write_parquet(cfg.output, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
     counts = count_output(cfg.output)
     expected = len(done) + todo.num_rows
     if counts["images"] != expected:  # a bug or a concurrent writer, not bad input: no _SUCCESS

@@ -38,8 +38,12 @@ def output_schema(classes: tuple[str, ...]) -> pa.Schema:
     )
 
 
-def to_output(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
-    """Predictor output -> the output schema: columns in order, no size for undecoded files."""
+def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.Table:
+    """Predictor output -> the output schema: columns in order, no size for undecoded files.
+
+    `counter` (a `console.RayCounter` actor) is told the rows done, for the progress display."""
+    if counter is not None:
+        counter.add.remote(table.num_rows)
     failed = pc.is_valid(table["error"])
     columns = []
     for field in schema:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ray_fer import cluster
 from ray_fer.config import UserError
 from ray_fer.data import DECODE_BATCH, decoded_dataset
 from ray_fer.images import EvalPreset, tta_views
@@ -347,8 +348,7 @@ def prediction_dataset(
         model, model_id = load_bundle(model)
     if model_id is None:
         raise ValueError("pass model_id (the bundle's identity from load_bundle) with a ModelBundle")
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size)
     log.info("predictors: %d actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              plan.actors, plan.device, plan.threads, plan.num_cpus, plan.batch_size)

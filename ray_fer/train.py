@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ray_fer import storage
+from ray_fer import cluster, console, storage
 from ray_fer.config import ConfigError, TrainJobConfig, from_dict, to_yaml
 from ray_fer.data import image_folder_dataset, list_image_folder
 from ray_fer.images import EvalPreset, train_preset
@@ -331,24 +331,22 @@ def _resources(cfg: TrainJobConfig, started_here: bool) -> tuple[bool, int]:
         log.warning("the cluster has %d GPUs now and the run needs %d: Ray Train waits for the autoscaler "
                     "to add them (on a cluster without one it waits for ever: stop the job and lower "
                     "run.num_workers)", gpus, cfg.run.num_workers)
+    cpus = int(total.get("CPU", 0))
     if cfg.run.cpus_per_worker is not None:
-        return use_gpu, cfg.run.cpus_per_worker
-    if use_gpu:
-        return use_gpu, 1
-    biggest_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
-    return use_gpu, max(1, min(biggest_node, int(total.get("CPU", 1)) // cfg.run.num_workers))
-
-
-def _check_storage_is_shared(cfg: TrainJobConfig) -> None:
-    import ray
-
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if len(nodes) > 1 and not storage.is_remote(cfg.run.storage_path) and not cfg.run.shared_storage:
-        raise ConfigError(
-            f"run.storage_path {cfg.run.storage_path!r} is local, but the cluster has {len(nodes)} nodes: "
-            "checkpoints written on one node are invisible to the others. Use s3://BUCKET/PREFIX, or a shared "
-            "filesystem mounted at the same path on every node and --set run.shared_storage=true"
-        )
+        threads = cfg.run.cpus_per_worker
+    elif use_gpu:
+        threads = 1
+    else:
+        biggest_node = max(int(n["Resources"].get("CPU", 0)) for n in cluster.alive_nodes())
+        threads = max(1, min(biggest_node, cpus // cfg.run.num_workers))
+    asked = threads * cfg.run.num_workers
+    if asked > cpus:
+        if started_here:  # Ray Train would retry placing the workers every minute, for ever
+            raise ConfigError(f"run.num_workers={cfg.run.num_workers} workers with {threads} CPU each need {asked} "
+                              f"CPUs, but this machine has {cpus}; lower run.num_workers or run.cpus_per_worker")
+        log.warning("the run needs %d CPUs and the cluster has %d now: Ray Train waits for the autoscaler to add "
+                    "nodes (without one it waits for ever: stop the job and lower run.num_workers)", asked, cpus)
+    return use_gpu, threads
 
 
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
@@ -359,12 +357,18 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
     cfg.check()
     train_table, val_table = check_inputs(cfg)
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (e.g. inside a Ray job) or starts a local instance
-    _check_storage_is_shared(cfg)
+    started_here = cluster.connect()
+    cluster.refuse_local_paths(
+        {"run.storage_path": cfg.run.storage_path, "data.train": cfg.data.train, "data.val": cfg.data.val},
+        shared=cfg.run.shared_storage,
+        fix=", or a shared filesystem mounted at the same path on every node and --set run.shared_storage=true",
+    )
     use_gpu, threads = _resources(cfg, started_here)
     out_dir = run_dir(cfg)
+    log.info("training run %s: %s train and %s val images, %d worker(s) on %s, %d CPU%s each, %d px, %d epochs -> %s",
+             cfg.run.name, f"{train_table.num_rows:,}", f"{val_table.num_rows:,}", cfg.run.num_workers,
+             "GPU" if use_gpu else "CPU", threads, "" if threads == 1 else "s", cfg.data.image_size,
+             cfg.train.epochs, out_dir)
     storage.write_bytes(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg).encode())
 
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
@@ -395,6 +399,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
                 checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min",
             ),
+            logging_config=console.train_logging_config(),
         ),
         datasets=datasets,
     )
