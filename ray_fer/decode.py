@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The only decoders PIL may try, whatever a file's name or first bytes say: without this list a
+# PostScript file named .jpg goes to the EPS plugin, which runs Ghostscript where it is installed.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -35,7 +38,7 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = im.size
             orientation = im.getexif().get(0x0112, 1)
             if orientation in _QUARTER_TURNS:
@@ -50,7 +53,7 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
     except ImageError:
         raise
     except UnidentifiedImageError:  # its message holds a memory address: say it plainly
-        raise ImageError("not an image, or a format PIL cannot read") from None
+        raise ImageError(f"not an image, or not one of the formats read: {', '.join(FORMATS)}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         reason = str(e) or type(e).__name__
         raise ImageError(f"cannot decode image: {reason}"[:200]) from None

@@ -213,3 +213,19 @@ def test_decode_stage_imports_no_torch():
     code = "import sys, ray_fer.data, ray_fer.decode; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_postscript_named_jpg_never_reaches_the_eps_decoder():
+    """Untrusted stores: PIL would hand this file to its EPS plugin, which runs Ghostscript."""
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+           b"newpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n")
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what an unrestricted open() would do
+    with pytest.raises(ImageError, match="not an image, or not one of the formats read: JPEG, PNG"):
+        decode_image(eps, 48)
+
+
+def test_every_listed_extension_has_its_decoder():
+    from ray_fer.decode import FORMATS, IMAGE_EXTENSIONS
+
+    registered = Image.registered_extensions()
+    assert {registered[ext] for ext in IMAGE_EXTENSIONS} == set(FORMATS)
