@@ -1,5 +1,6 @@
 """Shared fixtures: the FER2013 data, one local Ray instance per session, a real S3 server on loopback,
-and a real two-node Ray cluster started with `ray start`."""
+a real two-node Ray cluster started with `ray start`, the small models the tests make, and helpers
+shared by several test files (imported as `from conftest import ...`)."""
 
 from __future__ import annotations
 
@@ -254,3 +255,178 @@ def _uses_dir(p, directory: str) -> bool:
         return directory in " ".join(p.cmdline()) or (p.cwd() + os.sep).startswith(directory + os.sep)
     except psutil.Error:
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# Models made here (no downloads) and helpers shared by several test files
+
+
+# A small known set: angry 4, disgust 2, fear 3, happy 1, neutral 0 (but predicted once), sad 2 (never
+# predicted), surprise 0 (never predicted).
+Y_TRUE = [0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 5, 5]
+Y_PRED = [0, 0, 1, 2, 1, 0, 2, 2, 4, 3, 0, 2]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+def _metrics_with_identity() -> dict:
+    from ray_fer import metrics
+
+    m = metrics.classification_metrics(Y_TRUE, Y_PRED)
+    m.update(model={"uri": "runs/x/model.pt", "id": "0123456789abcdef", "image_size": 64},
+             data="/data/val", tta="flip", num_errors=1)
+    return m
+
+
+def _run_cli(argv, capsys):
+    from ray_fer import cli
+
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _fer_pixels(root: Path, split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    import torch
+
+    from ray_fer.decode import decode_image
+    from ray_fer.labels import CLASSES
+
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for path in sorted((root / split / name).glob("*.jpg"))[:per_class]:
+            images.append(decode_image(path.read_bytes(), 48)[0])
+            labels.append(label)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+
+
+@pytest.fixture(scope="module")
+def random_bundle(fer_root, tmp_path_factory) -> str:
+    """EfficientNet-B0 with random weights whose batch-norm statistics are calibrated on FER faces
+    and a random head: varied labels for a fraction of a second of compute."""
+    import torch
+
+    from ray_fer.model import ModelBundle, build_model, save_bundle
+
+    torch.manual_seed(0)
+    model = build_model("none")
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.05)
+    bundle = ModelBundle(state_dict={}, image_size=48, decode_size=48)
+    x, _ = _fer_pixels(fer_root, "train", 24)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 56):
+            model(bundle.eval_preset()(x[i:i + 56]))
+    bundle.state_dict = model.eval().state_dict()
+    path = tmp_path_factory.mktemp("models") / "random.pt"
+    save_bundle(bundle, str(path))
+    return str(path)
+
+
+TRAIN_RECIPE = {"per_class": 1000, "epochs": 5, "image_size": 48, "lr": 1e-3, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(request, fer_root, tmp_path_factory) -> str:
+    """EfficientNet-B0 trained from scratch on a balanced FER2013 subset (TRAIN_RECIPE; about two
+    minutes on 2 cores), kept in pytest's cache so that later runs reuse it."""
+    import torch
+
+    from ray_fer.images import train_preset
+    from ray_fer.model import ModelBundle, build_model, save_bundle
+    from ray_fer.train import train_one_epoch
+
+    key = "-".join(f"{k}{v}" for k, v in TRAIN_RECIPE.items())
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("ray-fer-models") if cache is not None else tmp_path_factory.mktemp("models")
+    path = Path(folder) / f"trained-{key}.pt"
+    if path.exists():
+        return str(path)
+    torch.manual_seed(TRAIN_RECIPE["seed"])
+    x, y = _fer_pixels(fer_root, "train", TRAIN_RECIPE["per_class"])
+    model = build_model("none").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_RECIPE["lr"], weight_decay=0.05)
+    preset = train_preset("flip_rotate", image_size=TRAIN_RECIPE["image_size"])
+    for _ in range(TRAIN_RECIPE["epochs"]):
+        order = torch.randperm(len(x))
+        batches = [{"image": x[order[i:i + 64]], "label": y[order[i:i + 64]]} for i in range(0, len(x), 64)]
+        train_one_epoch(model, batches, preset, optimizer, device=torch.device("cpu"))
+    bundle = ModelBundle(state_dict=model.eval().state_dict(), image_size=TRAIN_RECIPE["image_size"], decode_size=48)
+    save_bundle(bundle, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> str:
+    """Random weights, no data: for shape and plumbing tests."""
+    import torch
+
+    from ray_fer.model import ModelBundle, build_model, save_bundle
+
+    torch.manual_seed(1)
+    model = build_model("none")
+    torch.nn.init.normal_(model.classifier[1].weight, std=0.05)
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    save_bundle(ModelBundle(state_dict=model.eval().state_dict(), image_size=32, decode_size=48), str(path))
+    return str(path)
+
+
+def _small_bundle(seed: int = 0) -> ModelBundle:
+    """An EfficientNet-B0 bundle whose predictions depend on the image, built in seconds.
+
+    A freshly initialised network in eval mode maps every image to nearly the same features
+    (BatchNorm's running statistics are 0 and 1); calibrating them on a few random batches and
+    drawing a random head makes the outputs differ from image to image, as a trained model's do.
+    """
+    import torch
+
+    from ray_fer.images import EvalPreset
+    from ray_fer.model import ModelBundle, build_model
+
+    torch.manual_seed(seed)
+    model = build_model("none")
+    preset = EvalPreset(image_size=48, channels_last=False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: the statistics of exactly these batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(preset(torch.randint(0, 256, (32, 48, 48), dtype=torch.uint8)))
+        model.classifier[1].weight.normal_(0.0, 0.3)
+        model.classifier[1].bias.zero_()
+    history = [{"epoch": 1, "train_loss": 1.9, "val_loss": 1.8, "train_acc": 0.3, "val_acc": 0.32},
+               {"epoch": 2, "train_loss": 1.7, "val_loss": 1.75, "train_acc": 0.36, "val_acc": 0.35}]
+    return ModelBundle(state_dict=model.state_dict(), image_size=48, decode_size=48,
+                       metrics=history[1], history=history)
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory) -> str:
+    from ray_fer.model import save_bundle
+
+    path = tmp_path_factory.mktemp("run") / "model.pt"
+    save_bundle(_small_bundle(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_model(bundle_path):
+    from ray_fer.model import load_bundle
+
+    bundle, _ = load_bundle(bundle_path)
+    return bundle.build_model(), bundle.eval_preset(channels_last=False)

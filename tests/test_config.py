@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_fer.config import ConfigError, TrainJobConfig, load_config, parse_overrides, to_yaml
+from ray_fer.config import ConfigError, InferConfig, TrainJobConfig, load_config, parse_overrides, to_yaml
 
 BASE = ["data.train=/tmp/train", "data.val=/tmp/val"]
 
@@ -73,3 +73,15 @@ def test_bad_files_and_override_syntax(tmp_path):
         load_config(TrainJobConfig, bad)
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_overrides(["train.epochs"])
+
+
+def test_config_checks():
+    cfg = load_config(InferConfig, overrides={"model": "m.pt", "input": "in", "output": "out", "batch_size": 8})
+    assert cfg.batch_size == 8 and cfg.precision == "auto"
+    with pytest.raises(ConfigError, match="unknown key batchsize; valid keys: model, input"):
+        load_config(InferConfig, overrides=["batchsize=8"])
+    with pytest.raises(ConfigError, match="precision: 'fp16' is not valid; choose one of: auto, bf16, fp32"):
+        load_config(InferConfig, overrides={"model": "m", "input": "i", "output": "o", "precision": "fp16"})
+    with pytest.raises(ConfigError, match="overwrite and skip_existing exclude each other"):
+        load_config(InferConfig, overrides={"model": "m", "input": "i", "output": "o",
+                                            "overwrite": True, "skip_existing": True})

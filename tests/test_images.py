@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,17 @@ def test_tta_views():
     assert len(crops) == 10 and all(c.shape == (2, 43, 43) for c in crops)
     with pytest.raises(ValueError, match="none, flip, tencrop"):
         tta_views(x, "twelvecrop")
+
+
+def test_tta_views_are_flips_and_crops():
+    x = torch.randint(0, 256, (2, 48, 48), dtype=torch.uint8)
+    assert len(tta_views(x, "none")) == 1
+    plain, mirror = tta_views(x, "flip")
+    assert torch.equal(mirror, torch.from_numpy(np.ascontiguousarray(x.numpy()[:, :, ::-1])))
+    views = tta_views(x, "tencrop")
+    assert len(views) == 10 and all(v.shape == (2, 43, 43) for v in views)
+    assert torch.equal(views[0], x[:, :43, :43]) and torch.equal(views[3], x[:, 5:, 5:])
+    assert torch.equal(views[4], x[:, 2:45, 2:45])
+    assert torch.equal(views[5], torch.flip(views[0], dims=(-1,)))
+    with pytest.raises(ValueError, match="choose one of"):
+        tta_views(x, "fivecrop")
