@@ -14,19 +14,22 @@ from ray_fer import storage
 from ray_fer.config import ConfigError
 
 
+_private_instance = False  # this process started the Ray it runs on (set by connect)
+
+
 def connect() -> bool:
-    """Make sure Ray is running; True when this call started a private local instance, which
-    nothing can autoscale (a request it cannot place would wait for ever)."""
+    """Make sure Ray is running; True when this process started it as a private local instance,
+    which nothing can autoscale (a request it cannot place would wait for ever)."""
     import ray
 
     from ray_fer import console
 
-    started_here = False
+    global _private_instance
     if not ray.is_initialized():
-        started_here = not os.environ.get("RAY_ADDRESS")
+        _private_instance = not os.environ.get("RAY_ADDRESS")
         ray.init(**console.ray_init_kwargs())  # joins RAY_ADDRESS or starts a local instance
     console.quiet_ray_in_process()
-    return started_here
+    return _private_instance
 
 
 def alive_nodes() -> list[dict[str, Any]]:

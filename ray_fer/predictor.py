@@ -277,7 +277,8 @@ class PredictorPlan:
     """Where predictor actors run and how big they are, sized from the cluster's resources."""
 
     device: str  # "gpu" or "cpu"
-    actors: int  # actor pool size
+    actors: int  # most actors in the pool
+    min_actors: int  # actors the pool starts with; it grows to `actors` as GPU nodes arrive
     num_cpus: float  # CPUs each actor reserves (fractional: leaves whole CPUs to the decode tasks)
     num_gpus: int  # GPUs each actor reserves
     threads: int  # torch threads per actor
@@ -288,10 +289,17 @@ class PredictorPlan:
 
 
 def plan_predictors(
-    resources: dict[str, float], *, device: str = "auto", actors: int | None = None, batch_size: int | None = None
+    resources: dict[str, float], *, device: str = "auto", actors: int | None = None, batch_size: int | None = None,
+    autoscaling: bool = False,
 ) -> PredictorPlan:
     """Size the predictor pool so that it never takes every CPU: the decode tasks that feed it
-    need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES)."""
+    need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
+
+    On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
+    the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than
+    asked, none included: the pool waits for the autoscaler's first GPU node, as `device=gpu`
+    on a cluster whose GPU nodes are scaled to zero needs.
+    """
     cpus = float(resources.get("CPU", 0))
     gpus = int(resources.get("GPU", 0))
     if cpus < 1:
@@ -299,14 +307,16 @@ def plan_predictors(
     decode_cpus = 1.0 if cpus >= 2 else 0.5
     # declare at most half the cluster's memory across the pool: a small laptop must not wait for ever
     memory_total = float(resources.get("memory", 0)) or 2.0 * PREDICTOR_MEMORY * max(gpus, 1)
-    if device == "gpu" and gpus == 0:
-        raise PlanError("device=gpu but the Ray cluster has no GPUs; use --set device=auto or device=cpu")
-    if device != "cpu" and gpus > 0:
-        n = actors or gpus
-        if n > gpus:
+    if device == "gpu" and gpus == 0 and not autoscaling:
+        raise PlanError("device=gpu but the Ray cluster has no GPUs (and this local instance cannot add any); "
+                        "use --set device=auto or device=cpu")
+    if device == "gpu" or (device == "auto" and gpus > 0):
+        n = actors or max(gpus, 1)
+        if n > gpus and not autoscaling:
             raise PlanError(f"actors={n} but the Ray cluster has {gpus} GPUs; each GPU actor takes one GPU")
         # one CPU per actor for its host-side work, unless that would leave none for decoding
-        return PredictorPlan(device="gpu", actors=n, num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
+        return PredictorPlan(device="gpu", actors=n, min_actors=max(1, min(gpus, n)),
+                             num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or 512, tasks_in_flight=4,
                              memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: the model costs ~10x the decode per image, so actors get the CPUs less one for decoding;
@@ -314,7 +324,7 @@ def plan_predictors(
     usable = cpus - decode_cpus
     n = actors or max(1, int(usable // 2) if usable >= 4 else 1)
     threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
-    return PredictorPlan(device="cpu", actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
+    return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
                          threads=threads, batch_size=batch_size or 128, tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
@@ -348,11 +358,13 @@ def prediction_dataset(
         model, model_id = load_bundle(model)
     if model_id is None:
         raise ValueError("pass model_id (the bundle's identity from load_bundle) with a ModelBundle")
-    cluster.connect()
-    plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size)
-    log.info("predictors: %d actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
-             plan.actors, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(table, decode_size=model.decode_size, keep_errors=True,
+    private = cluster.connect()
+    plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size,
+                           autoscaling=not private)
+    pool = f"{plan.min_actors}-{plan.actors}" if plan.min_actors < plan.actors else str(plan.actors)
+    log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
+             pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
+    ds = decoded_dataset(table, decode_size=model.decode_size,
                          decode_batch_size=decode_batch_size, num_cpus=plan.decode_cpus)
     return ds.map_batches(
         Predictor,
@@ -361,6 +373,7 @@ def prediction_dataset(
                                "device": plan.device, "threads": plan.threads, "compile": compile,
                                "batch_size": plan.batch_size},
         batch_size=plan.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=plan.tasks_in_flight),
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.actors,
+                                           max_tasks_in_flight_per_actor=plan.tasks_in_flight),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, memory=plan.memory,
     )

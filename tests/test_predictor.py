@@ -185,10 +185,24 @@ def test_gpu_plan_is_one_actor_per_gpu():
 
 
 def test_plan_errors_name_the_fix():
-    with pytest.raises(PlanError, match="no GPUs; use --set device=auto"):
+    with pytest.raises(PlanError, match="no GPUs .*cannot add any.*; use --set device=auto"):
         plan_predictors({"CPU": 4}, device="gpu")
     with pytest.raises(PlanError, match="actors=3 but the Ray cluster has 2 GPUs"):
         plan_predictors({"CPU": 4, "GPU": 2}, actors=3)
+
+
+def test_gpu_pool_grows_with_an_autoscaling_cluster():
+    # GPU nodes scaled to zero: the pool waits for the first one, then grows to `actors`
+    scaled_to_zero = plan_predictors({"CPU": 8}, device="gpu", actors=4, autoscaling=True)
+    assert (scaled_to_zero.device, scaled_to_zero.min_actors, scaled_to_zero.actors) == ("gpu", 1, 4)
+    # two GPUs now, up to six later
+    growing = plan_predictors({"CPU": 8, "GPU": 2}, actors=6, autoscaling=True)
+    assert (growing.min_actors, growing.actors, growing.num_gpus) == (2, 6, 1)
+    # without an autoscaler the pool is what the cluster has
+    fixed = plan_predictors({"CPU": 8, "GPU": 2})
+    assert fixed.min_actors == fixed.actors == 2
+    # auto still means CPUs on a cluster that has no GPU now
+    assert plan_predictors({"CPU": 8}, autoscaling=True).device == "cpu"
 
 
 # --------------------------------------------------------------------------------------------
