@@ -82,7 +82,7 @@ def ingest_pipeline(data: str, image_size: int) -> int:
     from ray_fer.data import decoded_dataset
     from ray_fer.inputs import list_inputs
 
-    ds = decoded_dataset(list_inputs(data), decode_size=48, keep_errors=True)
+    ds = decoded_dataset(list_inputs(data), decode_size=48)
     ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=None,
                         batch_format="numpy")
     return int(sum(b["n"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy")))

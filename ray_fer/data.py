@@ -22,6 +22,7 @@ from ray_fer.labels import CLASSES, class_index
 
 log = logging.getLogger(__name__)
 
+READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not be read (not a content error)
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 
@@ -84,11 +85,14 @@ def list_image_folder(root: str, *, limit_per_class: int | None = None, seed: in
     return pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
 
 
-def decode_batch(batch: dict[str, Any], *, decode_size: int, keep_errors: bool) -> dict[str, Any]:
+def decode_batch(batch: dict[str, Any], *, decode_size: int) -> dict[str, Any]:
     """Ray Data batch function: read each `path` and decode it to a (decode_size, decode_size) array.
 
-    With keep_errors, every row stays and failures fill `error` (image zeros); without, failed rows
-    are dropped and logged. Adds `image` (uint8), `width`, `height`, and `error` when kept.
+    Every row stays. Adds `image` (uint8; zeros where it failed), `width`, `height` and `error`:
+    None, or a short reason for a file that is missing or is not a readable image. A read that
+    keeps failing for another reason (throttling, a network or permission error) raises
+    `storage.ReadError` after retries: it is the store's state, not the file's, so no row
+    records it. Other columns pass through.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -97,32 +101,21 @@ def decode_batch(batch: dict[str, Any], *, decode_size: int, keep_errors: bool) 
     heights = np.zeros(n, dtype=np.int32)
     errors: list[str | None] = [None] * n
     for i, blob in enumerate(storage.read_each(paths)):  # streamed: a few files in memory at a time
-        if isinstance(blob, BaseException):
-            errors[i] = f"cannot read file: {type(blob).__name__}: {blob}"[:200]
+        if isinstance(blob, FileNotFoundError):
+            errors[i] = READ_ERROR_PREFIX + "not found"
             continue
         try:
             images[i], widths[i], heights[i] = decode_image(blob, decode_size)
         except ImageError as e:
             errors[i] = str(e)
-    out = dict(batch)
-    out.update(image=images, width=widths, height=heights)
-    if keep_errors:
-        out["error"] = np.array(errors, dtype=object)
-        return out
-    ok = np.array([e is None for e in errors], dtype=bool)
-    for i, err in enumerate(errors):
-        if err is not None:
-            log.warning("skipping %s: %s", paths[i], err)
-    return {k: (np.asarray(v)[ok] if len(v) == n else v) for k, v in out.items()}
+    return dict(batch) | {"image": images, "width": widths, "height": heights,
+                          "error": np.array(errors, dtype=object)}
 
 
-def decoded_dataset(
-    table: pa.Table, *, decode_size: int, keep_errors: bool, decode_batch_size: int = DECODE_BATCH,
-    num_cpus: float = 1.0,
-):
+def decoded_dataset(table: pa.Table, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
+                    num_cpus: float = 1.0):
     """The lazy read-and-decode stage over a table with a `path` column, adding `image` (uint8),
-    `width`, `height` (and `error` with keep_errors; without, failed rows are dropped and logged).
-    Other columns are kept.
+    `width`, `height` and `error` (see `decode_batch`); one row per input row, other columns kept.
 
     The table is split evenly into CPU tasks of at most `decode_batch_size` files, and into at
     least one task per cluster CPU while each still gets MIN_DECODE_BATCH files, so a store of
@@ -138,27 +131,33 @@ def decoded_dataset(
     # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
     slices = [table.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
     return ray.data.from_arrow(slices).map_batches(
-        decode_batch, fn_kwargs={"decode_size": decode_size, "keep_errors": keep_errors},
+        decode_batch, fn_kwargs={"decode_size": decode_size},
         batch_size=None, batch_format="numpy", num_cpus=num_cpus,
     )
 
 
+EXAMPLES = 5  # undecodable files named in the warning; the rest are counted
+
+
 def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int | None = None):
-    """A materialised Ray Dataset of decoded (image, label) rows; undecodable files are skipped.
+    """A materialised Ray Dataset of decoded (image, label) rows; undecodable files are left out
+    and summed up in one warning (their count and the first few with their reasons).
 
     Materialised once: the uint8 faces are small (48x48 = 2.3 KB), so every epoch re-reads them
     from the object store instead of decoding again. With `shuffle_seed` the rows are put in a
     seeded random order first, so that every block mixes the classes (a listing is sorted by
     class) and random block order plus a local shuffle buffer make well-mixed batches.
     """
+    from ray.data.expressions import col
+
     if shuffle_seed is not None:
         table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
-    decoded = decoded_dataset(table, decode_size=decode_size, keep_errors=False).select_columns(
-        ["image", "label"]).materialize()
-    kept = decoded.count()
-    if kept < table.num_rows:
-        log.warning("skipped %d of %d files that could not be decoded (see warnings above)",
-                    table.num_rows - kept, table.num_rows)
-    if kept == 0:
+    decoded = decoded_dataset(table, decode_size=decode_size).materialize()
+    failed = decoded.filter(expr=col("error").is_not_null()).select_columns(["path", "error"]).materialize()
+    skipped = failed.count()
+    if skipped:
+        examples = "; ".join(f"{r['path']}: {r['error']}" for r in failed.take(EXAMPLES))
+        log.warning("left out %d of %d files that could not be decoded, e.g. %s", skipped, table.num_rows, examples)
+    if skipped == table.num_rows:
         raise DataError("no image could be decoded; check that the files are images")
-    return decoded
+    return decoded.filter(expr=col("error").is_null()).select_columns(["image", "label"]).materialize()

@@ -69,9 +69,10 @@ def evaluate_folder(
     keep = ["path", "true_label", "label", "confidence", *[f"prob_{c}" for c in CLASSES], "error"]
     parts = []
     progress = console.Progress(table.num_rows)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        parts.append(batch.select(keep))
-        progress.update(progress.done + batch.num_rows)
+    with storage.stop_on_read_errors("Nothing was written: run the evaluation again once the store answers"):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            parts.append(batch.select(keep))
+            progress.update(progress.done + batch.num_rows)
     progress.close()
     seconds = time.perf_counter() - t0
     predictions = pa.concat_tables(parts) if parts else pa.table({k: [] for k in keep})

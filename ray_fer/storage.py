@@ -7,9 +7,13 @@ Nothing here logs credentials: only paths appear in messages.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
+import random
+import re
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -110,17 +114,82 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def read_each(uris: list[str], threads: int = 16) -> Iterator[bytes | BaseException]:
-    """Read many files in order, yielding each one's bytes or the exception that reading raised.
+# Seconds to wait before each new attempt at a read that failed for a reason other than "not
+# found": throttling, 5xx, timeouts, connection resets, access denied. About 30 s in all (with
+# jitter), on top of pyarrow's own three quick attempts per S3 request. RETRY_ENV (seconds,
+# comma-separated) replaces them for a store that needs longer, or shorter.
+READ_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+RETRY_ENV = "RAY_FER_READ_RETRY_DELAYS"
 
-    Remote stores are read by a thread pool, since each GET waits on the network, with at most
-    2 x threads files ahead of the consumer: memory holds a few files, never the whole list
-    (a batch of 2,048 ten-megabyte photos must not mean 20 GB in one task).
+
+def read_retry_delays() -> tuple[float, ...]:
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return READ_RETRY_DELAYS
+    try:
+        return tuple(float(x) for x in raw.split(","))
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={raw!r} is not a list of seconds such as 0.5,1,2") from None
+
+
+class ReadError(StorageError):
+    """A file that could not be read even after retries: the run stops rather than record it as
+    unreadable, because the cause (a throttled or failing store, a permission) is not the file's."""
+
+
+def read_with_retries(uri: str, delays: tuple[float, ...] | None = None) -> bytes:
+    """`read_bytes` that waits and tries again on any failure but a missing file.
+
+    FileNotFoundError is raised at once (the file is gone: that is the file's own state). Other
+    errors are retried after each of `delays` (times 0.5-1.5, so that many readers spread out);
+    the last one is raised as ReadError naming the file, the attempts and the cause.
     """
-    def one(u: str) -> bytes | BaseException:
+    delays = read_retry_delays() if delays is None else delays
+    for attempt, delay in enumerate((*delays, None), start=1):
         try:
-            return read_bytes(u)
-        except Exception as e:  # noqa: BLE001 - one unreadable file must not fail the batch
+            return read_bytes(uri)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow and the OS raise many types for one cause
+            if delay is None:
+                raise ReadError(f"cannot read {uri} after {attempt} attempts: {short_error(e)}{hint(uri)}") from e
+            time.sleep(delay * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def stop_on_read_errors(advice: str) -> Iterator[None]:
+    """Turn a ReadError that stopped a Ray task into one line for the user: its message and `advice`.
+
+    Ray Data hands the driver the worker's traceback as text (RayTaskError), not the exception
+    object, so the message is found in that text."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything Ray raises for a failed task
+        found = re.search(rf"{ReadError.__module__}\.ReadError: (.+)", str(e))
+        if found is None:
+            raise
+        raise ReadError(f"{found.group(1).strip()}. {advice}") from None
+
+
+def read_each(uris: list[str], threads: int = 16,
+              delays: tuple[float, ...] | None = None) -> Iterator[bytes | FileNotFoundError]:
+    """Read many files in order, yielding each one's bytes, or FileNotFoundError for a missing one.
+
+    Every other failure is retried (`read_with_retries`) and, if it persists, raised as
+    ReadError: it stops the caller instead of marking the file. Remote stores are read by a
+    thread pool, since each GET waits on the network, with at most 2 x threads files ahead of
+    the consumer: memory holds a few files, never the whole list (a batch of 2,048
+    ten-megabyte photos must not mean 20 GB in one task).
+    """
+    delays = read_retry_delays() if delays is None else delays
+
+    def one(u: str) -> bytes | FileNotFoundError:
+        try:
+            return read_with_retries(u, delays)
+        except FileNotFoundError as e:
             return e
 
     if not any(is_remote(u) for u in uris) or threads <= 1:
@@ -128,7 +197,7 @@ def read_each(uris: list[str], threads: int = 16) -> Iterator[bytes | BaseExcept
         return
     pool = ThreadPoolExecutor(max_workers=min(threads, len(uris)))
     try:
-        ahead: deque[Future[bytes | BaseException]] = deque()
+        ahead: deque[Future[bytes | FileNotFoundError]] = deque()
         todo = iter(uris)
         for u in itertools.islice(todo, 2 * threads):
             ahead.append(pool.submit(one, u))

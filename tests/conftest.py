@@ -38,8 +38,9 @@ def fer_root() -> Path:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible HTTP server (moto) on 127.0.0.1, with the standard AWS settings
-    pointing at it; yields the endpoint URL. Started before Ray so Ray's workers inherit them."""
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1 behind `FaultyS3Proxy`, with the
+    standard AWS settings pointing at the proxy; yields the proxy (`.endpoint`, `.fail(...)`).
+    Started before Ray so Ray's workers inherit the settings."""
     from moto.server import ThreadedMotoServer
 
     import logging
@@ -48,21 +49,141 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    proxy = FaultyS3Proxy(f"{host}:{port}")
     saved = {k: os.environ.get(k) for k in _AWS_VARS}
     os.environ.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
     )
     try:
-        yield endpoint
+        yield proxy
     finally:
+        proxy.close()
         server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class FaultyS3Proxy:
+    """A real HTTP server on loopback in front of moto that forwards every request, and fails the
+    requests for chosen keys as a troubled store does: `503 SlowDown`, or a connection reset
+    without an answer. Off until `fail()` is called; `heal()` turns it off again."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self.lock = threading.Lock()
+        self.rules: dict[str, list] = {}  # "/bucket/key" -> [attempts left to fail, how]
+        self.failed: dict[str, int] = {}  # "/bucket/key" -> requests failed so far
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _forward(self) -> None:
+                import http.client
+                import urllib.parse
+
+                key = urllib.parse.unquote(self.path.split("?", 1)[0])
+                how = proxy._should_fail(key) if self.command in ("GET", "HEAD") else None
+                body = self._body()
+                if how == "reset":
+                    import socket
+                    import struct
+
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if how == "503":
+                    payload = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
+                               b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",)}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status, answer.reason)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                # a HEAD answer's Content-Length is the object's size, not this (empty) body's
+                size = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", size or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else (b"" if self.command in ("PUT", "POST") else None)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, bucket: str, keys, *, times: int, how: str = "503") -> None:
+        """Fail the next `times` GET/HEAD requests of each key ("503" or "reset"); -1: for ever."""
+        with self.lock:
+            for key in keys:
+                self.rules[f"/{bucket}/{key}"] = [times, how]
+
+    def heal(self) -> None:
+        with self.lock:
+            self.rules.clear()
+            self.failed.clear()
+
+    def _should_fail(self, key: str) -> str | None:
+        with self.lock:
+            rule = self.rules.get(key)
+            if rule is None or rule[0] == 0:
+                return None
+            rule[0] -= 1
+            self.failed[key] = self.failed.get(key, 0) + 1
+            return rule[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    """The proxy in front of the loopback S3 server, healed again after the test."""
+    yield s3_server
+    s3_server.heal()
 
 
 _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",

@@ -94,7 +94,7 @@ def test_read_each_from_s3_reads_ahead_in_order(fer_root, s3_bucket):
     uris = [f"s3://{s3_bucket}/in/{i:03d}.jpg" for i in range(40)]
     uris.insert(17, f"s3://{s3_bucket}/in/nope.jpg")
     out = list(storage.read_each(uris, threads=4))
-    assert isinstance(out[17], OSError)
+    assert isinstance(out[17], FileNotFoundError)
     assert [o for i, o in enumerate(out) if i != 17] == [f.read_bytes() for f in files]
 
 
@@ -102,12 +102,10 @@ def test_decode_batch_one_row_per_file_with_errors(fer_root, tmp_path):
     files = [str(p) for p in _fer_files(fer_root, 3)]
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     paths = np.array(files + [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.jpg")], dtype=object)
-    kept = decode_batch({"path": paths}, decode_size=48, keep_errors=True)
+    kept = decode_batch({"path": paths}, decode_size=48)
     assert kept["image"].shape == (5, 48, 48) and list(kept["width"][:3]) == [48, 48, 48]
     assert [e is None for e in kept["error"]] == [True, True, True, False, False]
-    assert "not an image" in kept["error"][3] and kept["error"][4].startswith("cannot read file")
-    dropped = decode_batch({"path": paths, "label": np.arange(5)}, decode_size=48, keep_errors=False)
-    assert list(dropped["label"]) == [0, 1, 2] and dropped["image"].shape == (3, 48, 48)
+    assert "not an image" in kept["error"][3] and kept["error"][4] == "cannot read file: not found"
 
 
 def _block_sizes(ds) -> list[int]:
@@ -116,12 +114,12 @@ def _block_sizes(ds) -> list[int]:
 
 def test_decoded_dataset_splits_evenly_and_keeps_every_row(ray_local, fer_root):
     table = list_image_folder(str(fer_root / "val"))
-    assert _block_sizes(decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=1000)) == [
+    assert _block_sizes(decoded_dataset(table, decode_size=48, decode_batch_size=1000)) == [
         897, 897, 897, 898]  # not 3 x 1000 + 589
     # a batch size above the input still gives every CPU (2 here) a task
-    assert _block_sizes(decoded_dataset(table, decode_size=48, keep_errors=True, decode_batch_size=10_000)) == [
+    assert _block_sizes(decoded_dataset(table, decode_size=48, decode_batch_size=10_000)) == [
         1794, 1795]
-    empty = decoded_dataset(table.slice(0, 0), decode_size=48, keep_errors=True)
+    empty = decoded_dataset(table.slice(0, 0), decode_size=48)
     assert empty.count() == 0
 
 
@@ -132,3 +130,59 @@ def test_shuffled_training_blocks_mix_the_classes(ray_local, fer_root):
     assert len(set(first["label"].tolist())) == 7
     again = image_folder_dataset(table, decode_size=48, shuffle_seed=0).take_all()
     assert [r["label"] for r in again] == [int(v) for b in ds.iter_batches(batch_size=None) for v in b["label"]]
+
+
+@pytest.mark.s3
+def test_reads_outlast_a_store_that_fails_for_a_while(fer_root, s3_bucket, s3_faults):
+    """503s and connection resets from a real HTTP server: retried, in order, nothing lost."""
+    import boto3
+
+    files = _fer_files(fer_root, 12)
+    for i, f in enumerate(files):
+        boto3.client("s3").put_object(Bucket=s3_bucket, Key=f"in/{i}.jpg", Body=f.read_bytes())
+    uris = [f"s3://{s3_bucket}/in/{i}.jpg" for i in range(len(files))]
+    s3_faults.fail(s3_bucket, [f"in/{i}.jpg" for i in (1, 5)], times=5, how="503")
+    s3_faults.fail(s3_bucket, [f"in/{i}.jpg" for i in (2, 9)], times=4, how="reset")
+    out = list(storage.read_each(uris, threads=4, delays=(0.05, 0.1, 0.2, 0.4)))
+    assert out == [f.read_bytes() for f in files]
+    assert all(s3_faults.failed[f"/{s3_bucket}/in/{i}.jpg"] >= 4 for i in (1, 5, 2, 9))  # they did fail
+
+
+@pytest.mark.s3
+def test_a_store_that_keeps_failing_stops_the_reader_naming_the_file(fer_root, s3_bucket, s3_faults):
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="in/a.jpg", Body=_fer_files(fer_root, 1)[0].read_bytes())
+    s3_faults.fail(s3_bucket, ["in/a.jpg"], times=-1, how="503")
+    with pytest.raises(storage.ReadError, match=f"cannot read s3://{s3_bucket}/in/a.jpg after 2 attempts: .*AWS_ENDPOINT_URL"):
+        list(storage.read_each([f"s3://{s3_bucket}/in/a.jpg"], delays=(0.01,)))
+    s3_faults.heal()  # a missing object is the file's own state: reported, not retried
+    missing = list(storage.read_each([f"s3://{s3_bucket}/in/gone.jpg"], delays=(60.0,)))
+    assert isinstance(missing[0], FileNotFoundError)
+
+
+def test_retry_delays_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(storage.RETRY_ENV, "0.1, 2")
+    assert storage.read_retry_delays() == (0.1, 2.0)
+    monkeypatch.setenv(storage.RETRY_ENV, "soon")
+    with pytest.raises(storage.StorageError, match="not a list of seconds"):
+        storage.read_retry_delays()
+
+
+def test_undecodable_training_files_are_one_warning(ray_local, fer_root, tmp_path, caplog):
+    import shutil
+
+    for f in _fer_files(fer_root, 6):
+        (tmp_path / "happy").mkdir(exist_ok=True)
+        shutil.copy(f, tmp_path / "happy" / f.name)
+    for i in range(9):
+        (tmp_path / "happy" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    table = list_image_folder(str(tmp_path))
+    caplog.clear()  # (listing warned that six classes have no images)
+    with caplog.at_level("WARNING", logger="ray_fer.data"):
+        ds = image_folder_dataset(table, decode_size=48)
+    assert ds.count() == 6 and ds.columns() == ["image", "label"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ray_fer.data"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("left out 9 of 15 files that could not be decoded, e.g. ")
+    assert warnings[0].count("bad") == 5 and "not an image" in warnings[0]  # five examples, with reasons
