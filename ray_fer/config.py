@@ -63,8 +63,8 @@ class TrainConfig:
     lr_reference_batch: int = 32  # global batch at which lr applies unscaled
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
-    scheduler: Literal["cosine", "constant"] = "cosine"  # per-epoch learning-rate schedule
-    warmup_epochs: int = 0  # linear warm-up epochs before the schedule
+    scheduler: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule, updated every step
+    warmup_epochs: int = 0  # epochs of per-step linear warm-up before the schedule
     label_smoothing: float = 0.0
     augment: Literal["standard", "flip_rotate", "none"] = "standard"  # named train preset
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on GPU, off on CPU
@@ -88,7 +88,7 @@ class TrainConfig:
 
 @dataclass
 class RunSection:
-    name: str = "fer"  # run name; re-running a name resumes it
+    name: str = "fer"  # run name; re-running a name resumes it (see `resume`)
     storage_path: str = "./runs"  # where runs live (local folder or s3://)
     shared_storage: bool = False  # local paths (storage_path, data) are on a filesystem every node mounts (NFS)
     num_workers: int = 1  # Ray Train workers
@@ -96,6 +96,9 @@ class RunSection:
     cpus_per_worker: int | None = None  # CPU threads per worker; default: the node's CPUs / workers
     max_failures: int = 2  # worker-group restarts allowed
     checkpoints_to_keep: int = 2  # best checkpoints kept, ranked by val_loss
+    # auto: a re-used name resumes only if the settings that shape the weights are unchanged;
+    # force: resume anyway, training on with the new settings
+    resume: Literal["auto", "force"] = "auto"
 
     def check(self) -> None:
         if not self.name or "/" in self.name:

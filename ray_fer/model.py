@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import urllib.error
 from dataclasses import dataclass, field
@@ -188,18 +189,32 @@ class ModelBundle:
 
 
 def save_bundle(bundle: ModelBundle, uri: str) -> str:
-    """Write the bundle to a local path or s3:// URI; returns its identity (see `bundle_id`)."""
-    data = bundle.to_bytes()
-    storage.write_bytes(uri, data)
-    return bundle_id(data)
+    """Write the bundle to a local path or s3:// URI; returns its identity (see `model_id`)."""
+    storage.write_bytes(uri, bundle.to_bytes())
+    return model_id(bundle)
 
 
 def load_bundle(uri: str) -> tuple[ModelBundle, str]:
     """Read a bundle from a local path or s3:// URI; returns (bundle, identity)."""
-    data = _read(uri)
-    return ModelBundle.from_bytes(data, uri), bundle_id(data)
+    bundle = ModelBundle.from_bytes(_read(uri), uri)
+    return bundle, model_id(bundle)
 
 
-def bundle_id(data: bytes) -> str:
-    """A model's identity: the first 16 hex digits of the SHA-256 of the bundle file."""
-    return hashlib.sha256(data).hexdigest()[:16]
+def model_id(bundle: ModelBundle) -> str:
+    """A model's identity: the first 16 hex digits of a SHA-256 over what decides its predictions.
+
+    That is the weights, the classes, the preprocessing (decode and input size, mean, std) and
+    the architecture; not the config, metrics or history, so re-exporting the same weights
+    keeps the id (labelled outputs name the model that wrote them) and any other weights get
+    a new one. Computed from the content, so bundles written before this rule get an id too.
+    """
+    h = hashlib.sha256()
+    header = {"architecture": bundle.architecture, "classes": list(bundle.classes),
+              "image_size": bundle.image_size, "decode_size": bundle.decode_size,
+              "mean": [float(m) for m in bundle.mean], "std": [float(s) for s in bundle.std]}
+    h.update(json.dumps(header, sort_keys=True).encode() + b"\0")
+    for name in sorted(bundle.state_dict):
+        t = bundle.state_dict[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes (bf16 has no numpy dtype), no copy
+    return h.hexdigest()[:16]

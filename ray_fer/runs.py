@@ -2,32 +2,44 @@
 
     <run.storage_path>/<run.name>/
       config.yaml                       the resolved config of the latest start
+      starts.jsonl                      one line per start: time, epochs done, changed settings, config
       checkpoint_<date>_<time>/state.pt  Ray Train checkpoints: model, optimizer, history, ...
       model.pt                          the best checkpoint exported as a model bundle
       curves.png, metrics.csv           per-epoch figures (written by `report`)
       checkpoint_manager_snapshot.json  Ray Train's own record; re-running the name resumes
 
 Training writes this layout; evaluation, reports and prediction read it, through this module only.
+Re-using a run name resumes the run; `plan_resume` decides first whether the new settings allow it.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+import yaml
 
 from ray_fer import storage
-from ray_fer.config import TrainJobConfig, UserError
+from ray_fer.config import ConfigError, TrainJobConfig, UserError, to_yaml
 
 if TYPE_CHECKING:
     import ray.train
 
+    from ray_fer.model import ModelBundle
+
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
 BUNDLE_FILE = "model.pt"  # the exported best model, in the run folder
 CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder
+STARTS_FILE = "starts.jsonl"  # the history of starts, in the run folder
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names them checkpoint_<date>_<time>: name order is time order
 
 
@@ -95,3 +107,190 @@ def resolve_model(uri: str) -> str:
         raise UserError(f"model {uri!r} does not exist; pass the model.pt that `ray-fer train` wrote "
                         "(<run.storage_path>/<run.name>/model.pt) or its run folder")
     return uri
+
+
+def best_state_and_history(run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The state of the run's best checkpoint (lowest val_loss) and the history of its latest,
+    read from storage: what Ray Train's result gives at the end of a run, without starting it.
+    Ray keeps the best checkpoints by val_loss, so the best of them all is among those stored."""
+    best: dict[str, Any] | None = None
+    latest: dict[str, Any] | None = None
+    for uri in checkpoints(run):  # one state in memory at a time, besides the two kept
+        state = load_state(uri)
+        if best is None or state["metrics"]["val_loss"] < best["metrics"]["val_loss"]:
+            best = state
+        if latest is None or state["epoch"] > latest["epoch"]:
+            latest = state
+    if best is None or latest is None:
+        raise UserError(f"{run!r} holds no {CHECKPOINT_PREFIX}*/{STATE_FILE}; is it a run folder written by "
+                        "`ray-fer train`?")
+    return best, latest["history"]
+
+
+def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "ModelBundle":
+    """A checkpoint's training state as a model bundle.
+
+    The preprocessing and config are the checkpoint's own, the settings its weights were trained
+    with: after a forced resume they can differ from the current config."""
+    from ray_fer.model import ModelBundle
+
+    data = state["config"]["data"]
+    return ModelBundle(state_dict=state["model"], image_size=int(data["image_size"]),
+                       decode_size=int(data["decode_size"]), config=state["config"], metrics=state["metrics"],
+                       history=history)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming a run: what may change, and the record of starts
+
+# Settings that may change when a run resumes: how long it trains and how and where it runs
+# (precision, memory format, compilation, workers, device, threads, restarts, checkpoints kept).
+# run.num_workers changes the global batch, so the lr follows it by train.lr_scaling, as it
+# would at a start; the optimiser's moments do not depend on it. Every other setting (data,
+# preprocessing, model, optimiser, lr, schedule, augmentation, seed) shapes the weights: a
+# change is refused unless run.resume=force.
+RESUMABLE = frozenset({
+    "train.epochs", "train.fail_at_epoch", "train.amp", "train.channels_last", "train.compile",
+    "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.max_failures", "run.checkpoints_to_keep",
+    "run.shared_storage",
+})
+# Not settings of the run: its folder (the same by definition) and how this start treats it
+_NOT_COMPARED = ("run.name", "run.storage_path", "run.resume")
+_PATH_KEYS = ("data.train", "data.val", "model.weights")  # compared as paths: ./a and /abs/a are one folder
+
+
+@dataclass
+class Resume:
+    """A re-used run name: the run folder holds a checkpoint to continue from."""
+
+    epochs_done: int  # the epoch of the latest checkpoint
+    changes: dict[str, tuple[Any, Any]]  # dotted key -> (previous, new) for every setting that differs
+    source: str  # the file the previous settings were read from
+
+
+def plan_resume(cfg: TrainJobConfig) -> Resume | None:
+    """Decide, before any Ray work, whether `cfg` may resume the run folder it names.
+
+    None when the folder holds no checkpoint: a fresh start. Otherwise logs one line listing the
+    changed settings (previous -> new) and returns what is resumed; raises ConfigError when
+    train.epochs is below the epochs already trained, or when a setting outside RESUMABLE
+    changed and run.resume is not `force`.
+    """
+    folder = run_dir(cfg)
+    found = checkpoints(folder) if storage.is_dir(folder) else []
+    if not found:
+        return None
+    latest = load_state(found[-1])
+    previous, source = _previous_config(folder, latest["config"], found[-1])
+    log.debug("run %s: comparing the config with the previous one in %s", cfg.run.name, source)
+    resume = Resume(epochs_done=int(latest["epoch"]), changes=config_changes(previous, asdict(cfg)), source=source)
+    _check_resume(cfg, resume, folder)
+    return resume
+
+
+def _previous_config(folder: str, checkpoint_config: dict[str, Any], checkpoint: str) -> tuple[dict[str, Any], str]:
+    """The settings of the run's latest start: its config.yaml, else those of the latest checkpoint."""
+    uri = storage.join(folder, CONFIG_FILE)
+    if storage.exists(uri):
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(uri))
+        except yaml.YAMLError:
+            loaded = None
+        if isinstance(loaded, dict):
+            return loaded, uri
+        log.warning("%s is not a config written by ray-fer; comparing with the latest checkpoint's settings", uri)
+    return checkpoint_config, storage.join(checkpoint, STATE_FILE)
+
+
+def config_changes(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every setting of `new` that differs from `previous`, as dotted key -> (previous, new).
+
+    A key that `previous` lacks (written before the key existed) counts as its default; a key
+    only `previous` has no longer means anything and is ignored."""
+    before, after, defaults = _flat(previous), _flat(new), _flat(asdict(TrainJobConfig()))
+    changes = {}
+    for key, value in after.items():
+        was = before.get(key, defaults.get(key))
+        if key not in _NOT_COMPARED and not _same(key, was, value):
+            changes[key] = (was, value)
+    return changes
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    return key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str) and _normal_path(a) == _normal_path(b)
+
+
+def _normal_path(p: str) -> str:
+    return p.rstrip("/") if storage.is_remote(p) else os.path.abspath(os.path.expanduser(p))
+
+
+def _check_resume(cfg: TrainJobConfig, resume: Resume, folder: str) -> None:
+    done, name = resume.epochs_done, cfg.run.name
+    if cfg.train.epochs < done:
+        raise ConfigError(f"train.epochs={cfg.train.epochs} is below the {done} epochs run {name!r} has trained "
+                          f"already ({folder}); pass train.epochs={done} or more to resume it, or a new run.name")
+    refused = {k: v for k, v in resume.changes.items() if k not in RESUMABLE}
+    if refused and cfg.run.resume != "force":
+        bundle = storage.join(folder, BUNDLE_FILE)
+        weights = f" (add model.weights={bundle} to start from its best weights)" if storage.exists(bundle) else ""
+        raise ConfigError(f"run {name!r} ({folder}) has trained {done} epoch(s) with other settings: "
+                          f"{describe_changes(refused)}; pass a new run.name to train with them{weights}, "
+                          "or --set run.resume=force to resume this run with them")
+    if resume.changes:
+        log.log(logging.WARNING if refused else logging.INFO, "run %s resumes after epoch %d with changed settings%s: %s",
+                name, done, " (run.resume=force)" if refused else "", describe_changes(resume.changes))
+    if cfg.train.epochs == done:
+        log.info("run %s has trained all %d epochs already: nothing to train, its best checkpoint is exported "
+                 "again without starting Ray (raise train.epochs to train more)", name, done)
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """The changes as one line: `train.lr 0.001 -> 0.01, data.image_size 48 -> 64`."""
+    return ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in changes.items())
+
+
+def _show(value: Any) -> str:
+    """As --set takes it: null, true, false."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def record_start(cfg: TrainJobConfig, resume: Resume | None) -> None:
+    """Write config.yaml (the resolved config of this start) and add this start to starts.jsonl.
+
+    Called by starts that train; a start with nothing left to train only exports, and leaves
+    the record as it was."""
+    folder = run_dir(cfg)
+    storage.write_bytes(storage.join(folder, CONFIG_FILE), to_yaml(cfg).encode())
+    entry = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "after_epoch": resume.epochs_done if resume else 0,
+        "changed": {k: [old, new] for k, (old, new) in resume.changes.items()} if resume else {},
+        "config": asdict(cfg),
+    }
+    uri = storage.join(folder, STARTS_FILE)
+    earlier = storage.read_bytes(uri) if storage.exists(uri) else b""  # object stores cannot append
+    storage.write_bytes(uri, earlier + (json.dumps(entry) + "\n").encode())
+
+
+def read_starts(run: str) -> list[dict[str, Any]]:
+    """The run's starts, oldest first (see `record_start`); empty for runs from before the record."""
+    uri = storage.join(run, STARTS_FILE)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]

@@ -3,7 +3,8 @@
 `run_training(cfg)` checks every input on the driver (config, data folders, weights), builds
 materialised Ray Datasets of decoded uint8 faces, runs data-parallel training with Ray Train V2
 (gloo on CPU, NCCL on GPU), keeps the best checkpoints by val_loss, exports the best one as a
-model bundle and returns a JSON-able summary. Re-running the same `run.name` resumes it.
+model bundle and returns a JSON-able summary. Re-running the same `run.name` resumes it when the
+settings that shape the weights are unchanged (see `runs.plan_resume`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -24,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ray_fer import cluster, console, storage
-from ray_fer.config import ConfigError, TrainJobConfig, from_dict, to_yaml
+from ray_fer.config import ConfigError, TrainJobConfig, from_dict
 from ray_fer.data import image_folder_dataset, list_image_folder
 from ray_fer.images import EvalPreset, train_preset
-from ray_fer.model import ModelBundle, build_model, save_bundle, unwrap
+from ray_fer.model import build_model, save_bundle, unwrap
 from ray_fer.precision import autocast_dtype
 from ray_fer.report import write_training_report
-from ray_fer.runs import BUNDLE_FILE, CONFIG_FILE, load_state, run_dir, storage_root, write_state
+from ray_fer.runs import (BUNDLE_FILE, best_state_and_history, bundle_from_state, load_state, plan_resume,
+                          record_start, run_dir, storage_root, write_state)
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,19 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    lr_at: Callable[[int], float] | None = None,
     fail_after_first_step: bool = False,
 ) -> dict[str, float]:
-    """One pass over `batches` of uint8 images; returns this worker's loss sum, correct and count."""
+    """One pass over `batches` of uint8 images; returns this worker's loss sum, correct and count.
+
+    lr_at(i) is the learning rate of the epoch's i-th step (0-based); None keeps the optimizer's."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        if lr_at is not None:
+            set_lr(optimizer, lr_at(step))
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         x = preset(images)
@@ -143,18 +150,43 @@ def make_optimizer(model: nn.Module, cfg: TrainJobConfig, lr: float) -> torch.op
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
 
 
-def lr_factor(epoch_index: int, cfg: TrainJobConfig) -> float:
-    """Multiplier of the base lr for the 0-based epoch: linear warm-up, then cosine or constant.
+def lr_factor(step: int, epoch_steps: int, cfg: TrainJobConfig) -> float:
+    """Multiplier of the base lr at the run's 0-based optimizer `step` (`epoch_steps` an epoch): a
+    linear warm-up over train.warmup_epochs that reaches 1 at its last step, then cosine (to 2%)
+    or constant.
 
-    Reads the current config, so raising train.epochs on resume stretches the remaining schedule."""
-    warm = cfg.train.warmup_epochs
-    if epoch_index < warm:
-        return (epoch_index + 1) / (warm + 1)
+    A function of the step alone, so a resumed run continues the schedule exactly; it reads the
+    current config, so raising train.epochs on resume stretches the rest of the cosine."""
+    warm = cfg.train.warmup_epochs * epoch_steps
+    if step < warm:
+        return (step + 1) / warm
     if cfg.train.scheduler == "constant":
         return 1.0
-    span = max(1, cfg.train.epochs - warm)
-    progress = min(1.0, (epoch_index - warm) / span)
-    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))  # floor: the last epoch still learns
+    span = max(1, cfg.train.epochs * epoch_steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))  # floor: the last steps still learn
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def steps_per_epoch(train_rows: int, val_rows: int, cfg: TrainJobConfig) -> int:
+    """Optimizer steps per epoch on every worker, or a ConfigError for an epoch of none.
+
+    Ray Train gives each worker rows // num_workers rows of every split (an equal split) and
+    training drops the last incomplete batch."""
+    workers, batch = cfg.run.num_workers, cfg.train.batch_size
+    share = train_rows // workers
+    if share < batch:
+        raise ConfigError(f"train.batch_size={batch} is larger than each worker's share of the training data "
+                          f"({share} images: {train_rows} over {workers} worker(s)), so an epoch would have no "
+                          "step; lower train.batch_size or run.num_workers")
+    if val_rows < workers:
+        raise ConfigError(f"data.val has {val_rows} image(s) for {workers} workers, and every worker needs at "
+                          "least one; add validation images or lower run.num_workers")
+    return share // batch
 
 
 def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
@@ -185,9 +217,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     if cfg.train.compile:
         model = torch.compile(model)
-    lr = scaled_lr(cfg, world)
-    optimizer = make_optimizer(model, cfg, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
+    base_lr = scaled_lr(cfg, world)
+    optimizer = make_optimizer(model, cfg, base_lr)
+    steps = config["steps_per_epoch"]
     amp_dtype = autocast_dtype(cfg.train.amp, device, training=True)
     scaler = grad_scaler(amp_dtype, device)
 
@@ -197,11 +229,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         state = load_state(checkpoint)
         unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _restore_optimizer(optimizer, state, cfg, log_it=rank == 0)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        if rank < len(state["rng"]):  # a rank added since keeps its fresh seed
+            _set_rng_state(state["rng"][rank])
         history = state["history"]
         start_epoch = state["epoch"] + 1
         if rank == 0:
@@ -225,18 +257,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # wait until the controller has registered the last report, so the restart resumes from it
             ray.train.get_all_reported_checkpoints(timeout_s=120)
             storage.write_bytes(fault_marker, f"killed during epoch {epoch}\n".encode())
+        first_step = (epoch - 1) * steps
         tr = train_one_epoch(
             model,
             train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                            local_shuffle_buffer_size=SHUFFLE_BUFFER, **batch_kwargs),
             augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
             amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
+            lr_at=lambda i: base_lr * lr_factor(first_step + i, steps, cfg),
         )
+        if tr["count"] == 0:  # the driver checks the row counts; this catches a split that differs
+            raise RuntimeError(f"epoch {epoch} ran no training step on rank {rank}: train.batch_size="
+                               f"{cfg.train.batch_size} is larger than this worker's share of the training data; "
+                               "lower train.batch_size or run.num_workers")
         train_s = time.perf_counter() - t0
         va = evaluate(model, val_shard.iter_torch_batches(batch_size=max(64, cfg.train.batch_size), **batch_kwargs),
                       plain, device=device, amp_dtype=amp_dtype)
-        current_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        current_lr = optimizer.param_groups[0]["lr"]  # the epoch's last step
         tr, va = _all_reduce(tr, device), _all_reduce(va, device)
         metrics = {
             "epoch": epoch,
@@ -258,7 +295,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 write_state(tmp, {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {},
                     "epoch": epoch,
                     "rng": rng_states,
@@ -273,6 +309,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                      epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"],
                      metrics["val_acc"], current_lr, metrics["epoch_s"], metrics["train_images_per_s"])
     return {"epochs_run": max(0, cfg.train.epochs - start_epoch + 1)}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: TrainJobConfig,
+                       log_it: bool) -> None:
+    """Take the checkpoint's per-parameter state (Adam's moments, SGD's momentum) but keep this
+    start's hyperparameters: the saved param groups hold the lr and weight decay of the start
+    that wrote them. Another kind of optimizer (a forced resume) starts its state afresh."""
+    before = state["config"]["train"]["optimizer"]
+    if before != cfg.train.optimizer:
+        if log_it:
+            log.warning("train.optimizer changed from %s to %s: its state starts afresh", before, cfg.train.optimizer)
+        return
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state["optimizer"]["state"], "param_groups": groups})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -356,7 +406,11 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg.check()
+    resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
+    if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
+        return export_best(cfg, *best_state_and_history(run_dir(cfg)))
     train_table, val_table = check_inputs(cfg)
+    steps_per_epoch(train_table.num_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
     started_here = cluster.connect()
     cluster.refuse_local_paths(
         {"run.storage_path": cfg.run.storage_path, "data.train": cfg.data.train, "data.val": cfg.data.val},
@@ -369,19 +423,19 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
              cfg.run.name, f"{train_table.num_rows:,}", f"{val_table.num_rows:,}", cfg.run.num_workers,
              "GPU" if use_gpu else "CPU", threads, "" if threads == 1 else "s", cfg.data.image_size,
              cfg.train.epochs, out_dir)
-    storage.write_bytes(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg).encode())
+    record_start(cfg, resume)
 
+    train_ds = image_folder_dataset(train_table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed)
+    val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size)
+    steps = steps_per_epoch(train_ds.count(), val_ds.count(), cfg)  # again: undecodable files are left out
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
-    datasets = {
-        "train": image_folder_dataset(train_table, decode_size=cfg.data.decode_size,
-                                      shuffle_seed=cfg.train.seed).randomize_block_order(seed=seed_config),
-        "val": image_folder_dataset(val_table, decode_size=cfg.data.decode_size),
-    }
+    datasets = {"train": train_ds.randomize_block_order(seed=seed_config), "val": val_ds}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": asdict(cfg),
             "threads": threads,
+            "steps_per_epoch": steps,
             "fault_marker": storage.join(out_dir, f"fault-injected-epoch-{cfg.train.fail_at_epoch}")
             if cfg.train.fail_at_epoch else None,
         },
@@ -404,26 +458,16 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
         datasets=datasets,
     )
     result = trainer.fit()
-    return export_best(cfg, result)
-
-
-def export_best(cfg: TrainJobConfig, result) -> dict[str, Any]:
-    """Write the best checkpoint (lowest val_loss) as the run's model bundle; return the summary."""
     best = result.get_best_checkpoint("val_loss", "min")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
-    best_state = load_state(best)
-    history = load_state(result.checkpoint)["history"]
-    bundle = ModelBundle(
-        state_dict=best_state["model"],
-        image_size=cfg.data.image_size,
-        decode_size=cfg.data.decode_size,
-        config=asdict(cfg),
-        metrics=best_state["metrics"],
-        history=history,
-    )
+    return export_best(cfg, load_state(best), load_state(result.checkpoint)["history"])
+
+
+def export_best(cfg: TrainJobConfig, best_state: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the best checkpoint's state as the run's model bundle; return the summary."""
     bundle_uri = storage.join(run_dir(cfg), BUNDLE_FILE)
-    model_id = save_bundle(bundle, bundle_uri)
+    model_id = save_bundle(bundle_from_state(best_state, history), bundle_uri)
     best_metrics = best_state["metrics"]
     report = write_training_report(run_dir(cfg), history, best_metrics["epoch"])  # curves.png, metrics.csv
     return {

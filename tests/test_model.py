@@ -7,7 +7,7 @@ import torch
 import pytest
 
 from ray_fer.labels import CLASSES, NUM_CLASSES, PROB_COLUMNS, class_index
-from ray_fer.model import ModelBundle, ModelLoadError, build_model, bundle_id, load_bundle, save_bundle
+from ray_fer.model import BUNDLE_FORMAT, ModelBundle, ModelLoadError, build_model, load_bundle, model_id, save_bundle
 
 
 def test_labels_are_the_seven_expressions_in_order():
@@ -43,7 +43,7 @@ def test_bundle_round_trip_keeps_weights_and_metadata(tmp_path):
     uri = str(tmp_path / "sub" / "model.pt")
     ident = save_bundle(bundle, uri)
     loaded, ident2 = load_bundle(uri)
-    assert ident == ident2 == bundle_id(open(uri, "rb").read()) and len(ident) == 16
+    assert ident == ident2 == model_id(loaded) == model_id(bundle) and len(ident) == 16
     assert (loaded.image_size, loaded.decode_size, loaded.classes) == (64, 48, CLASSES)
     assert loaded.metrics == {"val_loss": 1.5, "epoch": 1} and loaded.config == {"train": {"epochs": 1}}
     x = torch.randn(2, 3, 64, 64)
@@ -53,6 +53,37 @@ def test_bundle_round_trip_keeps_weights_and_metadata(tmp_path):
     # weights_only loading: the file holds only tensors and plain types
     raw = torch.load(uri, weights_only=True)
     assert raw["format"] == "ray-fer-bundle/1"
+
+
+def test_model_id_follows_the_weights_and_preprocessing_not_the_record(tmp_path):
+    bundle = _trained_bundle()
+    first = save_bundle(bundle, str(tmp_path / "a.pt"))
+    # the same weights exported again by a run with other settings and a longer history: same id
+    again = ModelBundle(state_dict=bundle.state_dict, image_size=64, decode_size=48,
+                        config={"train": {"epochs": 9}, "run": {"max_failures": 3}}, metrics={"val_loss": 1.2},
+                        history=bundle.history * 3)
+    assert save_bundle(again, str(tmp_path / "b.pt")) == first
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
+    # other weights, or the same weights fed other pixels, are another model
+    other_weights = dict(bundle.state_dict, **{"classifier.1.bias": bundle.state_dict["classifier.1.bias"] + 1e-3})
+    variants = [
+        ModelBundle(state_dict=other_weights, image_size=64, decode_size=48),
+        ModelBundle(state_dict=bundle.state_dict, image_size=96, decode_size=48),
+        ModelBundle(state_dict=bundle.state_dict, image_size=64, decode_size=64),
+        ModelBundle(state_dict=bundle.state_dict, image_size=64, decode_size=48, mean=(0.5, 0.5, 0.5)),
+    ]
+    ids = {first} | {model_id(v) for v in variants}
+    assert len(ids) == 1 + len(variants)
+
+
+def test_a_bundle_written_before_the_content_id_loads_and_gets_one(tmp_path):
+    bundle = _trained_bundle()
+    old = {"format": BUNDLE_FORMAT, "state_dict": bundle.state_dict, "image_size": 64, "decode_size": 48,
+           "classes": list(CLASSES), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+           "architecture": "efficientnet_b0", "config": {}, "metrics": {}, "history": []}
+    torch.save(old, tmp_path / "old.pt")
+    loaded, ident = load_bundle(str(tmp_path / "old.pt"))
+    assert ident == model_id(bundle) and (loaded.image_size, loaded.decode_size) == (64, 48)
 
 
 def test_weights_from_a_bundle_or_a_state_dict(tmp_path):

@@ -1,12 +1,15 @@
-"""Training on a real local Ray instance with 2 CPU workers on a FER2013 subset.
+"""Training on a real local Ray instance with 2 CPU workers on a FER2013 subset, and the
+schedule and data checks it relies on.
 
-One run is trained, then resumed and extended; another survives a real worker kill. Each run
-reads the subset straight from ../shared/data/fer2013.
+One run is trained, then resumed and extended, refused with changed settings, resumed with them
+when forced, and exported again; another survives a real worker kill. Each run reads the subset
+straight from ../shared/data/fer2013.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_fer.config import TrainJobConfig, load_config
+from ray_fer import cluster
+from ray_fer.config import ConfigError, TrainJobConfig, load_config
+from ray_fer.images import EvalPreset
 from ray_fer.model import load_bundle
-from ray_fer.runs import STATE_FILE
-from ray_fer.train import lr_factor, run_training, scaled_lr
+from ray_fer.runs import STATE_FILE, read_starts
+from ray_fer.train import lr_factor, run_training, scaled_lr, steps_per_epoch, train_one_epoch
 
 pytestmark = pytest.mark.integration
 
@@ -75,20 +80,69 @@ def test_loss_falls_and_the_best_checkpoints_are_kept(first_run):
     state = torch.load(best_dir / STATE_FILE, weights_only=True)
     assert all(torch.equal(state["model"][k], bundle.state_dict[k]) for k in state["model"])
     assert (run_dir / "config.yaml").read_text().count("name: subset") == 1
+    assert [s["after_epoch"] for s in read_starts(str(run_dir))] == [0]
     # training curves and per-epoch metrics are written at the end
     assert summary["curves"] == str(run_dir / "curves.png") and (run_dir / "curves.png").stat().st_size > 10_000
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
 
 
-def test_rerunning_the_name_resumes_and_extends(first_run):
+def test_rerunning_the_name_resumes_and_extends(first_run, caplog):
     cfg, summary = first_run
     first_history = load_bundle(summary["model"])[0].history
     more = _cfg(Path(cfg.data.train).parent, cfg.run.storage_path, cfg.run.name, "train.epochs=6")
-    summary2 = run_training(more)
+    with caplog.at_level(logging.INFO, logger="ray_fer"):
+        summary2 = run_training(more)
+    assert "run subset resumes after epoch 5 with changed settings: train.epochs 5 -> 6" in caplog.text
     history = load_bundle(summary2["model"])[0].history
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert history[:5] == first_history  # epochs 1-5 were not run again
     assert summary2["epochs"] == 6
+
+
+def test_a_changed_setting_is_refused_before_any_ray_work(first_run, monkeypatch):
+    cfg, _ = first_run
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    config_before = (run_dir / "config.yaml").read_text()
+    monkeypatch.setattr(cluster, "connect", lambda: pytest.fail("Ray was reached"))
+    changed = _cfg(Path(cfg.data.train).parent, cfg.run.storage_path, cfg.run.name, "train.epochs=6",
+                   "train.lr=0.006", "train.augment=standard")
+    with pytest.raises(ConfigError, match=r"has trained 6 epoch\(s\) with other settings: train.lr 0.003 -> 0.006, "
+                                          r"train.augment none -> standard; pass a new run.name .*run.resume=force"):
+        run_training(changed)
+    assert (run_dir / "config.yaml").read_text() == config_before and len(read_starts(str(run_dir))) == 2
+
+
+def test_a_forced_resume_trains_on_with_the_new_settings(first_run):
+    cfg, _ = first_run
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    forced = _cfg(Path(cfg.data.train).parent, cfg.run.storage_path, cfg.run.name, "train.epochs=7",
+                  "train.lr=0.006", "run.resume=force")
+    summary = run_training(forced)
+    bundle = load_bundle(summary["model"])[0]
+    # the new lr, not the one the optimizer state was saved with (2 workers x 16 = the reference batch)
+    assert [h["lr"] for h in bundle.history] == pytest.approx([0.003] * 6 + [0.006])
+    assert read_starts(str(run_dir))[-1]["changed"] == {"train.epochs": [6, 7], "train.lr": [0.003, 0.006]}
+    best_dir = next(d for d in run_dir.glob("checkpoint_*/")
+                    if torch.load(d / STATE_FILE, weights_only=True)["epoch"] == summary["best_epoch"])
+    assert bundle.config == torch.load(best_dir / STATE_FILE, weights_only=True)["config"]
+
+
+def test_a_finished_run_is_exported_again_with_the_same_model_id(first_run, caplog, monkeypatch):
+    """The forced start's settings are now the run's own (no run.resume=force needed), and a safe
+    change (run.max_failures) with no epoch left to train re-exports without starting Ray."""
+    cfg, _ = first_run
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    before = load_bundle(str(run_dir / "model.pt"))
+    (run_dir / "model.pt").unlink()
+    monkeypatch.setattr(cluster, "connect", lambda: pytest.fail("Ray was reached"))
+    same = _cfg(Path(cfg.data.train).parent, cfg.run.storage_path, cfg.run.name, "train.epochs=7",
+                "train.lr=0.006", "run.max_failures=3")
+    with caplog.at_level(logging.INFO, logger="ray_fer"):
+        summary = run_training(same)
+    assert "run subset has trained all 7 epochs already: nothing to train" in caplog.text
+    after = load_bundle(summary["model"])
+    assert summary["epochs"] == 7 and summary["model_id"] == after[1] == before[1]
+    assert after[0].history == before[0].history and after[0].metrics == before[0].metrics
 
 
 def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local, tmp_path):
@@ -98,7 +152,8 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local,
         [sys.executable, "-m", "ray_fer.cli", "train",
          "--set", f"data.train={fer_root / 'train'}", "--set", f"data.val={fer_root / 'val'}",
          "--set", "data.limit_per_class=12", "--set", "data.image_size=48", "--set", "train.batch_size=16",
-         "--set", "train.epochs=3", "--set", "train.fail_at_epoch=2", "--set", "run.max_failures=1",
+         "--set", "train.epochs=3", "--set", "train.warmup_epochs=1",
+         "--set", "train.fail_at_epoch=2", "--set", "run.max_failures=1",
          "--set", "run.num_workers=2", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=crash"],
         env=env, capture_output=True, text=True, timeout=600,
     )
@@ -109,6 +164,12 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local,
     assert "resuming run crash after epoch 1" in proc.stdout + proc.stderr
     history = load_bundle(summary["model"])[0].history
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the schedule continued exactly after the restart: each epoch's last-step lr (84 images: 2 steps an epoch)
+    cfg = load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", "train.epochs=3", "train.warmup_epochs=1",
+                                             "train.batch_size=16", "run.num_workers=2"])
+    steps = steps_per_epoch(84, 84, cfg)
+    assert steps == 2
+    assert [h["lr"] for h in history] == pytest.approx([0.001 * lr_factor(e * steps - 1, steps, cfg) for e in (1, 2, 3)])
 
 
 def test_bad_input_fails_before_any_ray_work(tmp_path):
@@ -122,10 +183,58 @@ def test_bad_input_fails_before_any_ray_work(tmp_path):
     assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
+def test_zero_step_epochs_fail_before_any_ray_work(fer_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "connect", lambda: pytest.fail("Ray was reached"))
+    cfg = _cfg(fer_root, tmp_path, "tiny", "data.limit_per_class=3", "train.batch_size=16")  # 21 images, 2 workers
+    with pytest.raises(ConfigError, match=r"^train.batch_size=16 is larger than each worker's share of the training "
+                                          r"data \(10 images: 21 over 2 worker\(s\)\), so an epoch would have no step; "
+                                          r"lower train.batch_size or run.num_workers$"):
+        run_training(cfg)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_steps_per_epoch_follow_the_equal_split_and_drop_last():
+    def cfg(batch, workers):
+        return load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", f"train.batch_size={batch}",
+                                                  f"run.num_workers={workers}"])
+
+    assert steps_per_epoch(84, 84, cfg(16, 2)) == 2  # 42 rows each: 2 full batches
+    assert steps_per_epoch(100, 3, cfg(10, 3)) == 3  # 33 rows each
+    assert steps_per_epoch(64, 1, cfg(64, 1)) == 1
+    with pytest.raises(ConfigError, match=r"train.batch_size=64 is larger .* \(40 images: 80 over 2 worker"):
+        steps_per_epoch(80, 80, cfg(64, 2))
+    with pytest.raises(ConfigError, match="data.val has 1 image\\(s\\) for 2 workers"):
+        steps_per_epoch(80, 1, cfg(8, 2))
+
+
 def test_lr_rules():
     cfg = load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", "train.batch_size=128",
-                                             "train.epochs=10", "train.warmup_epochs=1"])
+                                             "train.epochs=3", "train.warmup_epochs=1"])
     assert scaled_lr(cfg, 2) == pytest.approx(0.001 * (256 / 32) ** 0.5)
-    assert lr_factor(0, cfg) == pytest.approx(0.5)  # warm-up
-    assert lr_factor(1, cfg) == pytest.approx(1.0)
-    assert lr_factor(9, cfg) < lr_factor(5, cfg) < 1.0
+    factors = [lr_factor(step, 4, cfg) for step in range(12)]  # 4 steps an epoch, 3 epochs
+    assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # per-step warm-up, then the cosine
+    assert all(a > b for a, b in zip(factors[4:], factors[5:])) and factors[-1] == pytest.approx(0.02, abs=0.05)
+    constant = load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", "train.scheduler=constant",
+                                                  "train.warmup_epochs=2"])
+    assert [lr_factor(step, 2, constant) for step in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+
+
+def test_train_one_epoch_sets_the_lr_of_every_step():
+    """The first steps of a run with one warm-up epoch of 3 steps, as the worker loop drives them,
+    split over two epochs: the lr rises per step, and the second epoch continues the sequence."""
+    cfg = load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", "train.epochs=2",
+                                             "train.warmup_epochs=1"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 7))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    batches = [{"image": torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8), "label": torch.arange(4)}] * 3
+    preset = EvalPreset(image_size=32, channels_last=False)
+    for epoch in (1, 2):
+        first = (epoch - 1) * 3
+        sums = train_one_epoch(model, batches, preset, optimizer, device=torch.device("cpu"),
+                               lr_at=lambda i: 0.1 * lr_factor(first + i, 3, cfg))
+        assert sums["count"] == 12
+    assert seen == pytest.approx([0.1 * f for f in (1 / 3, 2 / 3, 1.0)] + [0.1 * lr_factor(s, 3, cfg) for s in (3, 4, 5)])
+    assert seen[3] == pytest.approx(0.1) and seen[3] > seen[4] > seen[5]
