@@ -73,6 +73,22 @@ class _Formatter(logging.Formatter):
         return message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirect),
+    not to the stream that was current when the handler was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
 def _log_package(verbose: bool) -> None:
     """ray-fer's loggers print to stderr at INFO (DEBUG when verbose), with a compact format."""
     log = logging.getLogger(PACKAGE)
@@ -83,7 +99,7 @@ def _log_package(verbose: bool) -> None:
             log.removeHandler(h)
         return
     if not any(getattr(h, "_ray_fer", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler._ray_fer = True  # type: ignore[attr-defined]
         handler.setFormatter(_Formatter("%(message)s"))
         log.addHandler(handler)

@@ -1,13 +1,14 @@
 """The labelling pipeline: an image store in, a Parquet table of expressions out.
 
     inputs.list_inputs (driver: folder, s3:// prefix or manifest -> paths)
-      -> output.prepare_output (driver: --overwrite / --skip-existing, before any cluster work)
+      -> output.OutputRun (driver: the output's lease, --overwrite / --skip-existing, before any cluster work)
       -> data.decoded_dataset (CPU tasks: read bytes, decode to small uint8 faces)
       -> predictor.Predictor (actors: the model loaded once each, on a GPU or CPU threads)
-      -> output.to_output -> write_parquet -> count the rows -> output.write_success (`_SUCCESS`)
+      -> output.to_output -> write_parquet into the run's staging folder
+      -> OutputRun.check (one row per path) -> OutputRun.commit (the rows in place, then `_SUCCESS`)
 
 Every listed file becomes exactly one row; a file that cannot be read or decoded gets `error`
-set and the job goes on.
+set and the job goes on. The output protocol (lease, staging, commit) is described in output.py.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_fer import __version__, cluster, console
+from ray_fer import __version__, cluster, console, storage
 from ray_fer.config import InferConfig
 from ray_fer.inputs import list_inputs
-from ray_fer.model import load_bundle
-from ray_fer.output import ROWS_PER_FILE, count_output, output_schema, prepare_output, to_output, write_success
+from ray_fer.model import ModelBundle, load_bundle
+from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
 from ray_fer.predictor import prediction_dataset
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 def label_images(cfg: InferConfig) -> dict[str, Any]:
     """Label every image under `cfg.input` into a Parquet data set at `cfg.output`.
 
-    Checks the model, the input and the output before any cluster work. Returns the summary that
+    Checks the model, the input and the output before any cluster work; holds the output's lease
+    while it runs, and replaces or extends the output only once every new row is written and
+    checked (the protocol is in output.py). Returns the summary that
     `_SUCCESS` also holds: images, labelled and errors (the whole output), processed and skipped
     (this run), output, model, seconds and images_per_s (this run's images over its wall time).
     """
@@ -44,40 +48,42 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     inputs = list_inputs(cfg.input)
     cluster.connect()
     cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
-    done = prepare_output(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id)
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=done))) if len(done) else inputs
-    skipped = inputs.num_rows - todo.num_rows
-    if skipped:
-        log.info("--skip-existing: %d of %d images are already in %s", skipped, inputs.num_rows, cfg.output)
-    if todo.num_rows:
-        ds = prediction_dataset(
-            todo, bundle, model_id=model_id, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
-            batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
-            compile=cfg.compile,
-        )
-        counter = console.RayCounter()
-        # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
-        ds = ds.map_batches(to_output, fn_kwargs={"schema": output_schema(bundle.classes), "counter": counter.actor},
-                            batch_format="pyarrow", batch_size=None, num_cpus=0.5)
-        with counter.watch(console.Progress(todo.num_rows)):
-            ds.write_parquet(cfg.output, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
-    counts = count_output(cfg.output)
-    expected = len(done) + todo.num_rows
-    if counts["images"] != expected:  # a bug or a concurrent writer, not bad input: no _SUCCESS
-        raise RuntimeError(f"{cfg.output} holds {counts['images']} rows, expected {expected}; "
-                           "it is left without _SUCCESS: run again with --overwrite")
-    seconds = time.perf_counter() - t0
-    summary = {
-        "images": counts["images"], "labelled": counts["labelled"], "errors": counts["errors"],
-        "processed": todo.num_rows, "skipped": skipped, "output": cfg.output, "model": model_id,
-        "seconds": round(seconds, 2), "images_per_s": round(todo.num_rows / seconds, 1),
-    }
-    success = summary | {
-        "model_uri": cfg.model, "input": cfg.input, "files": counts["files"],
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ray_fer_version": __version__, "config": asdict(cfg),
-    }
-    write_success(cfg.output, success)
+    with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id) as out:
+        done = out.done  # paths with a row that stays: not labelled again
+        todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=done))) if len(done) else inputs
+        skipped = inputs.num_rows - todo.num_rows
+        if skipped:
+            log.info("--skip-existing: %d of %d images are already in %s", skipped, inputs.num_rows, cfg.output)
+        if todo.num_rows:
+            _label(todo, bundle, model_id, cfg, out.new_dir)
+        counts = out.check(todo["path"])
+        seconds = time.perf_counter() - t0
+        summary = {
+            "images": counts["images"], "labelled": counts["labelled"], "errors": counts["errors"],
+            "processed": todo.num_rows, "skipped": skipped, "output": cfg.output, "model": model_id,
+            "seconds": round(seconds, 2), "images_per_s": round(todo.num_rows / seconds, 1),
+        }
+        out.commit(summary | {
+            "model_uri": cfg.model, "input": cfg.input, "files": counts["files"],
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ray_fer_version": __version__, "config": asdict(cfg),
+        })
     log.info("labelled %d images (%d errors) into %s in %.1f s", todo.num_rows, counts["errors"], cfg.output, seconds)
     return summary
+
+
+def _label(todo: pa.Table, bundle: ModelBundle, model_id: str, cfg: InferConfig, dst: str) -> None:
+    """The Ray Data pipeline over the paths in `todo`: one Parquet row per path, written to `dst`."""
+    ds = prediction_dataset(
+        todo, bundle, model_id=model_id, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
+        batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
+        compile=cfg.compile,
+    )
+    counter = console.RayCounter()
+    # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
+    ds = ds.map_batches(to_output, fn_kwargs={"schema": output_schema(bundle.classes), "counter": counter.actor},
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+    advice = "Nothing was committed and the output is as it was: run again once the store answers"
+    with storage.stop_on_read_errors(advice), counter.watch(console.Progress(todo.num_rows)):
+        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})

@@ -1,27 +1,60 @@
-"""The output protocol of a labelled data set: Parquet files with one schema, then `_SUCCESS`.
+"""The output protocol of a labelled data set: Parquet files with one schema, `_SUCCESS`, a lease.
 
-A folder or s3:// prefix holds `*.parquet` (one row per input file) and, once the run has
-finished and its rows are counted, `_SUCCESS` (JSON: counts, model identity, timing, config).
-A reader that finds no `_SUCCESS` is looking at an unfinished output. `prepare_output` applies
---overwrite and --skip-existing before any cluster work; `count_output` counts from the
-Parquet footers.
+An output (a folder or s3:// prefix) holds:
+
+    *.parquet           the rows, one per input file, one schema
+    _SUCCESS            JSON summary; present only beside a complete set of *.parquet files
+    _LEASE              JSON: the run that holds the output (run id, host, pid, started, heartbeat)
+    _staging-<run id>/  a run's files before its commit: new/*.parquet (this run's rows),
+                        kept/*.parquet (old files less the rows labelled again), _COMMIT
+
+Readers see the committed rows only: pyarrow and pandas skip names starting with "_", and
+DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
+
+ 1. takes the lease: creates `_LEASE` where there is none (atomically: link() locally,
+    `If-None-Match: *` on S3); refuses while another run's heartbeat is younger than
+    `lease_timeout()`; takes over an older one with a warning. A thread renews the heartbeat
+    every timeout/4 (at most 15 s), each write conditional on the lease being unchanged.
+ 2. finishes what dead runs left: a `_staging-*` folder with a `_COMMIT` is rolled forward, one
+    without is deleted.
+ 3. plans: a non-empty output is refused without --overwrite or --skip-existing; --overwrite
+    will replace every top-level file; --skip-existing keeps the rows there except read errors
+    and repeated paths, whose files are rewritten into `kept/`.
+ 4. labels into `_staging-<run id>/new/`. The top level is untouched, so the previous output and
+    its `_SUCCESS` stay readable throughout.
+ 5. checks: the staged rows hold each path to label exactly once, and nothing else.
+ 6. renews the lease: a run that lost it to another commits nothing.
+ 7. writes `_staging-<run id>/_COMMIT`, one atomic write naming the files to delete, the files
+    to move and the new `_SUCCESS`: the commit point.
+ 8. applies it: deletes `_SUCCESS`, then the replaced files, moves the staged ones to the top
+    level (on S3 a copy and a delete), writes the new `_SUCCESS`, deletes the staging folder.
+ 9. releases the lease.
+
+A crash before 7 leaves the previous output as it was; a crash during 8 leaves no `_SUCCESS`,
+and the next run on the output, whatever its flags, rolls `_COMMIT` forward before anything else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from types import TracebackType
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_fer import storage
 from ray_fer.config import UserError
+from ray_fer.data import READ_ERROR_PREFIX
+from ray_fer.lease import LEASE_FILE, Lease, new_run_id
 
 log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS"  # JSON written last: a reader can tell a finished output from a crashed one
+STAGING_PREFIX = "_staging-"  # + run id: a run's files until its commit
+COMMIT_FILE = "_COMMIT"  # in the staging folder: the journal whose write commits the run
 ROWS_PER_FILE = 100_000  # target rows per Parquet file: few files, each small enough to stream
 
 
@@ -54,51 +87,266 @@ def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _output_files(dst: str) -> list[str]:
-    try:
-        return storage.list_files(dst)
-    except FileNotFoundError:
-        return []
+# --------------------------------------------------------------------------------------------
+# A run on an output: plan, stage, check, commit
 
 
-def prepare_output(dst: str, *, overwrite: bool, skip_existing: bool, model_id: str) -> pa.Array:
-    """Check the output before any cluster work; returns the paths already labelled there.
+class OutputRun:
+    """One run's hold on an output, as a context manager around the labelling.
 
-    An empty or missing output is fine. A non-empty one is refused unless `overwrite` (its
-    ray-fer files are deleted; anything else there is refused) or `skip_existing` (its rows are
-    kept, and must come from the same model). `_SUCCESS` is removed first either way: from here on
-    the output is unfinished until a new one is written.
+    On entry: checks the output, takes the lease, finishes dead runs' commits, and plans: `done`
+    holds the paths whose rows stay. The run writes its rows into `new_dir`, then `check()`s them
+    and `commit()`s. On exit without a commit the staging folder is deleted and the previous
+    output stays as it was; the lease is released either way.
     """
+
+    def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str) -> None:
+        self.dst = dst
+        self.overwrite = overwrite
+        self.skip_existing = skip_existing
+        self.model_id = model_id
+        self.run_id = new_run_id()
+        self.staging = storage.join(dst, STAGING_PREFIX + self.run_id)
+        self.new_dir = storage.join(self.staging, "new")
+        self.done: pa.Array = pa.array([], pa.string())  # paths labelled before, whose rows stay
+        self._keep: list[str] = []  # top-level Parquet files that stay as they are
+        self._replace: list[str] = []  # top-level files the commit deletes
+        self._kept: list[str] = []  # staged copies of old files less their dropped rows
+        self._files: list[str] | None = None  # the output's file names after the commit (set by check)
+        self._journal_written = False
+        self.lease: Lease | None = None
+
+    def __enter__(self) -> OutputRun:
+        _check_location(self.dst)
+        self.lease = Lease.acquire(self.dst, self.run_id)
+        try:
+            recover(self.dst)
+            self._plan()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """Drop the staging folder of a run that did not reach its commit; release the lease."""
+        try:
+            if not self._journal_written:
+                storage.delete_dir(self.staging)
+        except Exception as e:  # noqa: BLE001 - the next run on this output deletes it
+            log.warning("could not delete %s (%s); the next run on this output does", self.staging,
+                        storage.short_error(e))
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        entries = _top_level(self.dst)
+        files = [uri for uri, _ in entries]
+        if not files:
+            return
+        if not self.overwrite and not self.skip_existing:
+            raise OutputError(f"output {self.dst!r} is not empty ({len(files)} files); pass --overwrite to replace "
+                              "it, --skip-existing to label only images not yet in it, or another --output")
+        foreign = [uri for uri, is_dir in entries if is_dir or not _is_ours(uri)]
+        if self.overwrite:
+            if foreign:
+                raise OutputError(f"output {self.dst!r} holds files ray-fer did not write (e.g. {foreign[0]!r}); "
+                                  "--overwrite only replaces a labelled output: pick an empty or new --output")
+            self._replace = [f for f in files if storage.basename(f) != SUCCESS_FILE]
+            log.info("--overwrite: the %d files in %s are replaced once the new rows are complete",
+                     len(self._replace), self.dst)
+            return
+        self._scan([uri for uri, is_dir in entries if not is_dir and uri.endswith(".parquet")])
+
+    def _scan(self, files: list[str]) -> None:
+        """--skip-existing: the paths whose rows stay, and which old files stay as they are."""
+        parts = self._read_old(files)
+        if not parts:
+            return
+        models = {m for _, t in parts for m in pc.unique(t["model"]).to_pylist() if m is not None}
+        others = models - {self.model_id}
+        if others:
+            raise OutputError(f"output {self.dst!r} was labelled by model {sorted(others)[0]}, not {self.model_id}; "
+                              "pass the same --model to resume, or --overwrite to relabel everything")
+        paths = pa.concat_arrays([t["path"].combine_chunks() for _, t in parts])
+        errors = pa.concat_arrays([t["error"].combine_chunks() if "error" in t.column_names
+                                   else pa.nulls(t.num_rows, pa.string()) for _, t in parts])
+        keep = _rows_to_keep(paths, errors)
+        self.done = paths.filter(pa.array(keep))
+        start = 0
+        for uri, table in parts:
+            mask = keep[start:start + table.num_rows]
+            start += table.num_rows
+            if mask.all():
+                self._keep.append(uri)
+            else:
+                self._rewrite(uri, mask)
+
+    def _read_old(self, files: list[str]) -> list[tuple[str, pa.Table]]:
+        """The path, model (and error) columns of the old files; unreadable ones are to be replaced."""
+        import pyarrow.parquet as pq
+
+        parts = []
+        for uri in files:
+            fs, path = storage.filesystem(uri)
+            try:
+                names = pq.read_schema(path, filesystem=fs).names
+            except pa.ArrowInvalid as e:  # not OSError: a network error must not drop any rows
+                log.warning("%s is not a readable Parquet file (%s), left by a crashed write: it is deleted at "
+                            "the commit and its images labelled again", uri, storage.short_error(e))
+                self._replace.append(uri)
+                continue
+            if "path" not in names or "model" not in names:
+                raise OutputError(f"{uri!r} is not a ray-fer output file (no path and model columns); "
+                                  "--skip-existing resumes a labelled output: pick another --output")
+            columns = ["path", "model"] + (["error"] if "error" in names else [])
+            parts.append((uri, pq.read_table(path, columns=columns, filesystem=fs)))
+        return parts
+
+    def _rewrite(self, uri: str, mask: np.ndarray) -> None:
+        """Stage a copy of an old file without the rows labelled again; the commit replaces it."""
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(uri)
+        rows = pq.read_table(path, filesystem=fs).filter(pa.array(mask))
+        if rows.num_rows:
+            copy = storage.join(self.staging, "kept", f"{len(self._kept):06d}.parquet")
+            copy_fs, copy_path = storage.filesystem(copy)
+            copy_fs.create_dir(copy_path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(rows, copy_path, filesystem=copy_fs)
+            self._kept.append(copy)
+        self._replace.append(uri)
+
+    # -- check and commit -------------------------------------------------------------------
+
+    def check(self, todo: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
+        """Check the staged rows against the paths this run labelled; returns the output's counts
+        after the commit (images, labelled, errors, files). OutputError when they do not match."""
+        new = _parquet_files(self.new_dir)
+        paths = _read_paths(new)
+        distinct = pc.count_distinct(paths).as_py() if len(paths) else 0
+        known = int(pc.sum(pc.is_in(paths, value_set=todo)).as_py() or 0)  # None when there are no rows
+        if not len(paths) == distinct == known == len(todo):
+            raise OutputError(f"run {self.run_id} wrote {len(paths)} rows for {distinct} distinct paths ({known} of "
+                              f"them asked for), expected one row for each of the {len(todo)} images to label; "
+                              f"nothing was committed, {self.dst!r} is as it was: run again")
+        old = _count_files(self._keep + self._kept)
+        if old["images"] != len(self.done):
+            raise OutputError(f"output {self.dst!r} changed during run {self.run_id} ({old['images']} old rows kept, "
+                              f"expected {len(self.done)}); nothing was committed: make sure only one job labels "
+                              "into it, then run again with --skip-existing")
+        counts = _count_files(self._keep + self._kept + new)
+        self._files = sorted([storage.basename(f) for f in self._keep] + [name for _, name in self._moves(new)])
+        return counts | {"files": self._files}
+
+    def _moves(self, new: list[str]) -> list[tuple[str, str]]:
+        """(path in the staging folder, file name at the top level) for every staged file."""
+        kept = [(f"kept/{storage.basename(f)}", f"{self.run_id}-kept-{storage.basename(f)}") for f in self._kept]
+        return kept + [(f"new/{storage.basename(f)}", storage.basename(f)) for f in new]
+
+    def commit(self, success: dict[str, Any]) -> None:
+        """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-8)."""
+        journal = self._write_journal(success)
+        try:
+            _apply(self.dst, self.staging, journal)
+        except Exception as e:  # noqa: BLE001 - any store error: the journal lets the next run finish
+            raise OutputError(f"the commit of run {self.run_id} into {self.dst!r} stopped half-way "
+                              f"({storage.short_error(e)}); the output has no {SUCCESS_FILE} until the next "
+                              "ray-fer infer on it, with any flags, finishes the commit") from e
+
+    def _write_journal(self, success: dict[str, Any]) -> dict[str, Any]:
+        """Steps 6 and 7: renew the lease, then write `_COMMIT`, the commit point."""
+        assert self.lease is not None and self._files is not None, "check() comes before commit()"
+        try:
+            self.lease.renew()
+        except UserError:  # the lease was taken over, or deleted
+            raise
+        except Exception as e:  # noqa: BLE001 - without a renewed lease there is no commit
+            raise OutputError(f"cannot renew the lease on {self.dst!r} ({storage.short_error(e)}), so run "
+                              f"{self.run_id} commits nothing: run again with --skip-existing") from e
+        journal = {"run_id": self.run_id, "delete": [storage.basename(f) for f in self._replace],
+                   "move": self._moves(_parquet_files(self.new_dir)),
+                   "success": success | {"run_id": self.run_id, "files": self._files}}
+        storage.write_bytes(storage.join(self.staging, COMMIT_FILE), json.dumps(journal, indent=2).encode())
+        self._journal_written = True
+        return journal
+
+
+def _apply(dst: str, staging: str, journal: dict[str, Any]) -> None:
+    """Carry out a commit journal; safe to repeat after a crash at any point."""
+    if _success_run_id(dst) != journal["run_id"]:
+        _delete_if_present(storage.join(dst, SUCCESS_FILE))  # first: from here on the output is unfinished
+        for name in journal["delete"]:
+            _delete_if_present(storage.join(dst, name))
+        for src, name in journal["move"]:
+            src_uri = storage.join(staging, src)
+            if storage.exists(src_uri):  # else moved before the crash
+                fs, src_path = storage.filesystem(src_uri)
+                fs.move(src_path, storage.filesystem(storage.join(dst, name))[1])
+        write_success(dst, journal["success"])
+    storage.delete_dir(staging)
+
+
+def recover(dst: str) -> None:
+    """Finish the commits that dead runs began; delete the staging folders of those that had not.
+
+    Call only while holding the lease: a live run's staging folder would be deleted."""
+    for uri, is_dir in _list_dir(dst):
+        if not (is_dir and storage.basename(uri).startswith(STAGING_PREFIX)):
+            continue
+        journal_uri = storage.join(uri, COMMIT_FILE)
+        if storage.exists(journal_uri):
+            journal = json.loads(storage.read_bytes(journal_uri))
+            log.warning("finishing the commit of run %s into %s, which stopped half-way", journal["run_id"], dst)
+            _apply(dst, uri, journal)
+        else:
+            log.warning("deleting %s: the files of a run that ended before its commit", uri)
+            storage.delete_dir(uri)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_location(dst: str) -> None:
+    """The output's bucket exists and the path is not a file, before the lease is written there."""
     import pyarrow.fs as pafs
 
     try:
         storage.check_bucket(dst, "output")
         kind = storage.info(dst).type
-        files = _output_files(dst) if kind == pafs.FileType.Directory else []
     except UserError:
         raise
     except (OSError, ValueError) as e:
         raise OutputError(f"cannot read output {dst!r}: {storage.short_error(e)}; check the path{storage.hint(dst)}")
     if kind == pafs.FileType.File:
         raise OutputError(f"output {dst!r} is a file; pass a folder or s3:// prefix for the Parquet data set")
-    if not files:
-        return pa.array([], pa.string())
-    if not overwrite and not skip_existing:
-        raise OutputError(f"output {dst!r} is not empty ({len(files)} files); pass --overwrite to replace it, "
-                         "--skip-existing to label only images not yet in it, or another --output")
-    foreign = [f for f in files if not _is_ours(f)]
-    if overwrite:
-        if foreign:
-            raise OutputError(f"output {dst!r} holds files ray-fer did not write (e.g. {foreign[0]!r}); "
-                             "--overwrite only replaces a labelled output: pick an empty or new --output")
-        log.info("--overwrite: deleting the %d files in %s", len(files), dst)
-        _remove_success(dst)
-        for f in files:
-            if storage.basename(f) != SUCCESS_FILE:
-                storage.delete_file(f)
-        return pa.array([], pa.string())
-    _remove_success(dst)
-    return _existing_paths(dst, [f for f in files if f.endswith(".parquet")], model_id)
+
+
+def _list_dir(dst: str) -> list[tuple[str, bool]]:
+    try:
+        return storage.list_dir(dst)
+    except FileNotFoundError:
+        return []
+
+
+def _top_level(dst: str) -> list[tuple[str, bool]]:
+    """The output's top-level (uri, is_dir) but for the lease and the staging folders."""
+    return [(uri, is_dir) for uri, is_dir in _list_dir(dst)
+            if not storage.basename(uri).startswith(STAGING_PREFIX if is_dir else LEASE_FILE)]
+
+
+def _parquet_files(folder: str) -> list[str]:
+    try:
+        return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    except FileNotFoundError:
+        return []
 
 
 def _is_ours(uri: str) -> bool:
@@ -106,67 +354,68 @@ def _is_ours(uri: str) -> bool:
     return name.endswith(".parquet") or name == SUCCESS_FILE or ".tmp-" in name
 
 
-def _remove_success(dst: str) -> None:
-    marker = storage.join(dst, SUCCESS_FILE)
-    if storage.exists(marker):
-        storage.delete_file(marker)
+def _delete_if_present(uri: str) -> None:
+    if storage.exists(uri):
+        storage.delete_file(uri)
 
 
-def _existing_paths(dst: str, files: list[str], model_id: str) -> pa.Array:
-    """Paths in an output's Parquet files; a file a crashed write left unreadable is deleted."""
+def _success_run_id(dst: str) -> str | None:
+    uri = storage.join(dst, SUCCESS_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri)).get("run_id")
+    except ValueError:
+        return None
+
+
+def _rows_to_keep(paths: pa.Array, errors: pa.Array) -> np.ndarray:
+    """Which old rows stay under --skip-existing: not read errors, and the first row of each path.
+
+    A read error ("cannot read file: ...") says nothing about the image, so it is labelled again;
+    content errors (empty file, not an image) stay. Repeated paths come from older versions,
+    which let two runs write one output."""
+    read_error = pc.fill_null(pc.starts_with(errors, READ_ERROR_PREFIX), False).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(~read_error)
+    among = paths.take(pa.array(candidates))
+    first = pc.index_in(pc.unique(among), value_set=among).to_numpy()
+    keep = np.zeros(len(paths), dtype=bool)
+    keep[candidates[first]] = True
+    if read_error.any():
+        log.info("--skip-existing: %d rows with a read error are labelled again", int(read_error.sum()))
+    repeated = len(candidates) - len(first)
+    if repeated:
+        log.warning("--skip-existing: dropping %d repeated rows (left by two runs on one output)", repeated)
+    return keep
+
+
+def _read_paths(files: list[str]) -> pa.Array:
     import pyarrow.parquet as pq
 
-    chunks: list[pa.ChunkedArray] = []
-    models: set[str] = set()
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        try:
-            names = pq.read_schema(path, filesystem=fs).names
-        except pa.ArrowInvalid as e:  # not OSError: a network error must not delete anything
-            log.warning("deleting %s: not a readable Parquet file (%s), left by a crashed write; "
-                        "its images are labelled again", uri, storage.short_error(e))
-            storage.delete_file(uri)
-            continue
-        if "path" not in names or "model" not in names:
-            raise OutputError(f"{uri!r} is not a ray-fer output file (no path and model columns); "
-                             "--skip-existing resumes a labelled output: pick another --output")
-        part = pq.read_table(path, columns=["path", "model"], filesystem=fs)
-        chunks.append(part["path"])
-        models.update(v for v in pc.unique(part["model"]).to_pylist() if v is not None)
-    others = models - {model_id}
-    if others:
-        raise OutputError(f"output {dst!r} was labelled by model {sorted(others)[0]}, not {model_id}; "
-                         "pass the same --model to resume, or --overwrite to relabel everything")
-    if not chunks:
-        return pa.array([], pa.string())
+    chunks = [pq.read_table(p, columns=["path"], filesystem=fs)["path"]
+              for fs, p in map(storage.filesystem, files)]
     return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
 
 
-def count_output(dst: str) -> dict[str, Any]:
-    """Rows and errors in an output's Parquet files, read from their footers (no data read)."""
+def _count_files(files: list[str]) -> dict[str, int]:
+    """Rows and errors in Parquet files, read from their footers where they have statistics."""
     import pyarrow.parquet as pq
 
     rows = errors = 0
-    files = [f for f in _output_files(dst) if f.endswith(".parquet")]
     for uri in files:
         fs, path = storage.filesystem(uri)
         meta = pq.read_metadata(path, filesystem=fs)
         col = meta.schema.names.index("error")
         rows += meta.num_rows
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            stats = group.column(col).statistics
-            if stats is not None and stats.has_null_count:
-                errors += group.num_rows - stats.null_count
-            else:  # no statistics: read the one column
-                errors += pq.read_table(path, columns=["error"], filesystem=fs)["error"].drop_null().length()
-                break
-    return {"images": rows, "labelled": rows - errors, "errors": errors,
-            "files": [storage.basename(f) for f in files]}
-
+        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+        stats = [g.column(col).statistics for g in groups]
+        if all(s is not None and s.has_null_count for s in stats):
+            errors += sum(g.num_rows - s.null_count for g, s in zip(groups, stats))
+        else:  # no statistics: read the one column
+            errors += pq.read_table(path, columns=["error"], filesystem=fs)["error"].drop_null().length()
+    return {"images": rows, "labelled": rows - errors, "errors": errors}
 
 
 def write_success(dst: str, summary: dict[str, Any]) -> None:
     """Mark the output finished: `_SUCCESS` holds the run's summary. Written last."""
     storage.write_bytes(storage.join(dst, SUCCESS_FILE), json.dumps(summary, indent=2).encode())
-

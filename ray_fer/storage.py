@@ -13,11 +13,13 @@ import itertools
 import os
 import random
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -257,3 +259,77 @@ def short_error(e: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), for one-line errors."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Conditional writes of small files (pyarrow's S3 filesystem has none: boto3 does them)
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_client() -> Any:
+    import boto3  # pyarrow's S3 filesystem has no conditional writes
+
+    return boto3.client("s3")  # reads AWS_ENDPOINT_URL and the credential chain, as pyarrow does
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """A small file's bytes and a token for `write_if_unchanged` (S3: the ETag; locally: the text);
+    None when it does not exist."""
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        try:
+            answer = _s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return answer["Body"].read(), answer["ETag"]
+    try:
+        data = Path(uri).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, data.decode(errors="replace")
+
+
+def write_if_unchanged(uri: str, data: bytes, token: str | None) -> str | None:
+    """Write a small file only if the store still holds `token` (None: only if there is no file).
+
+    Returns the new token, or None when the condition failed (another writer got there first).
+    S3 checks the condition itself (If-Match / If-None-Match); locally, creating is atomic
+    (link), replacing leaves a window of microseconds between comparison and rename."""
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except ClientError as e:  # 412: the condition failed; 409: a concurrent conditional write won
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    try:
+        if token is None:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent, already holding the whole text
+            except FileExistsError:
+                return None
+        else:
+            current = read_versioned(uri)
+            if current is None or current[1] != token:
+                return None
+            os.replace(tmp, path)  # not atomic with the comparison above: a window of microseconds
+    finally:
+        tmp.unlink(missing_ok=True)
+    return data.decode()

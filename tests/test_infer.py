@@ -4,10 +4,15 @@ files and a loopback S3 server, and the `infer` command."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,8 @@ from ray_fer.decode import decode_image
 from ray_fer.infer import label_images
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import load_bundle
-from ray_fer.output import SUCCESS_FILE
+from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV
+from ray_fer.output import STAGING_PREFIX, SUCCESS_FILE
 from ray_fer.precision import autocast_dtype
 from ray_fer.predictor import predict_probs
 from test_decode import corrupt_jpeg, encode, halves, png_header_only
@@ -215,6 +221,7 @@ def test_overwrite_refusal_and_skip_existing_resume(ray_local, fer_root, random_
     # resuming with another model would mix two models in one table
     with pytest.raises(UserError, match="labelled by model .*pass the same --model"):
         label_images(InferConfig(model=tiny_bundle, input=str(folder), output=str(out), skip_existing=True))
+    assert not (out / LEASE_FILE).exists() and not list(out.glob(STAGING_PREFIX + "*"))
 
 
 @pytest.mark.integration
@@ -246,10 +253,124 @@ def test_s3_round_trip_with_the_model_on_s3(ray_local, s3_bucket, fer_root, rand
 
     with pytest.raises(UserError, match="is not empty"):
         label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/in", output=dst))
+    again = label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/in", output=dst, overwrite=True))
+    replaced = _read_output(dst)
+    assert again["images"] == replaced.num_rows == len(set(replaced["path"].to_pylist())) == len(faces) + 1
+    # no lease and no staging folder left (pyarrow's empty "folder/" marker objects aside)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/labels/")["Contents"]
+            if not o["Key"].endswith("/")]
+    names = sorted(k.rsplit("/", 1)[1] for k in keys if k.endswith(".parquet"))
+    assert sorted(keys) == sorted([f"out/labels/{n}" for n in names] + ["out/labels/_SUCCESS"]), keys
+    marker2 = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/labels/_SUCCESS")["Body"].read())
+    assert marker2["run_id"] != marker["run_id"] and marker2["files"] == names
     with pytest.raises(UserError, match=f"no images under 's3://{s3_bucket}/nothing'"):
         label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/nothing", output=dst + "2"))
     with pytest.raises(UserError, match="input bucket s3://no-such-bucket-here does not exist"):
         label_images(InferConfig(model=random_bundle, input="s3://no-such-bucket-here/in", output=str(tmp_path / "o")))
+
+
+@pytest.mark.integration
+def test_skip_existing_labels_read_errors_again(ray_local, fer_root, random_bundle, tmp_path):
+    """A read error says nothing about the image: --skip-existing labels it again, one row per path.
+    A content error (an empty file) is the file's answer and stays."""
+    folder = tmp_path / "images"
+    faces = _fer_folder(fer_root, folder, per_class=2)
+    late, empty = folder / "late.jpg", folder / "empty.jpg"  # late: listed before it is there
+    empty.write_bytes(b"")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in [*faces, late, empty]))
+    out = tmp_path / "labels"
+    first = label_images(InferConfig(model=random_bundle, input=str(manifest), output=str(out)))
+    assert (first["images"], first["errors"]) == (len(faces) + 2, 2)
+    rows = {r["path"]: r for r in _read_output(str(out)).to_pylist()}
+    assert rows[str(late)]["error"].startswith("cannot read file")
+
+    shutil.copy(faces[0], late)
+    again = label_images(InferConfig(model=random_bundle, input=str(manifest), output=str(out), skip_existing=True))
+    assert (again["processed"], again["skipped"], again["images"], again["errors"]) == (1, len(faces) + 1,
+                                                                                       len(faces) + 2, 1)
+    table = _read_output(str(out))
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert table.num_rows == len(rows) == len(faces) + 2  # the old error row is gone
+    assert rows[str(late)]["error"] is None and rows[str(late)]["label"] in CLASSES
+    assert rows[str(empty)]["error"] == "empty file"
+
+
+def _children(pid: int) -> list:
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.integration
+def test_a_killed_run_leaves_the_output_whole_and_skip_existing_finishes(
+        ray_local, fer_root, random_bundle, tmp_path, monkeypatch, caplog):
+    """`ray-fer infer --overwrite` killed with SIGKILL mid-job: the previous output and its
+    _SUCCESS stay; a second run is refused while the first lives; once the dead run's lease is
+    stale, --skip-existing labels every image exactly once."""
+    folder = tmp_path / "images"
+    _fer_folder(fer_root, folder, per_class=10)
+    out = tmp_path / "labels"
+    label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out)))
+    before, success = _read_output(str(out)).sort_by("path"), (out / SUCCESS_FILE).read_bytes()
+    _fer_folder(fer_root, folder, per_class=40, start=10)
+    every = sorted(str(p) for p in folder.rglob("*.jpg"))
+    assert len(every) == 350
+
+    cmd = [sys.executable, "-m", "ray_fer.cli", "infer", "--model", random_bundle, "--input", str(folder),
+           "--output", str(out), "--overwrite", "--set", "batch_size=8", "--set", "precision=fp32"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines: list[str] = []
+    ray_processes: list = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LEASE_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (out / LEASE_FILE).exists(), "".join(lines)[-3000:]
+        other = json.loads((out / LEASE_FILE).read_text())
+        with pytest.raises(UserError, match=f"is in use by run {other['run_id']} .*pid {proc.pid}"):
+            label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out), skip_existing=True))
+        # kill it once its predictors label, its first Parquet file is there, or a few seconds on
+        deadline = time.monotonic() + 5
+        while (not any("predictor ready" in line for line in lines) and not list(out.glob("_staging-*/new/*"))
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.05)
+        ray_processes = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:  # its private Ray instance outlives a killed driver: stop what this test started
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for child in ray_processes:
+            try:
+                child.kill()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+
+    # the killed --overwrite run changed nothing that readers see
+    assert _read_output(str(out)).sort_by("path").equals(before)
+    assert (out / SUCCESS_FILE).read_bytes() == success
+    assert (out / LEASE_FILE).exists()
+
+    # its lease goes stale (the timeout lowered for the test) and the next run takes over
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "2")
+    heartbeat = datetime.fromisoformat(json.loads((out / LEASE_FILE).read_text())["heartbeat"])
+    time.sleep(max(0.0, 2.2 - (datetime.now(timezone.utc) - heartbeat).total_seconds()))
+    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+        resumed = label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out),
+                                           skip_existing=True))
+    assert f"taking over the lease on {out} from run {other['run_id']}" in caplog.text
+    assert (resumed["skipped"], resumed["processed"], resumed["images"]) == (70, 280, 350)
+    table = _read_output(str(out))
+    assert table.num_rows == 350 and sorted(table["path"].to_pylist()) == every  # each exactly once
+    assert json.loads((out / SUCCESS_FILE).read_text())["images"] == 350
+    assert not (out / LEASE_FILE).exists() and not list(out.glob(STAGING_PREFIX + "*"))
 
 
 @pytest.mark.integration

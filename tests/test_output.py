@@ -1,29 +1,233 @@
-"""output.py: the output folder checks (overwrite, skip-existing, foreign files), made before any
-cluster work."""
+"""output.py: the output protocol without Ray: refusals, the lease, staging and commit, recovery
+after a crash, --skip-existing's choice of rows, on a local folder and on the loopback S3 server.
+
+The rows here are written with pyarrow, as Ray Data's write would write them into the staging
+folder; test_infer.py runs the same protocol through real labelling runs."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from ray_fer.output import OutputError, prepare_output
+from ray_fer import storage
+from ray_fer.labels import CLASSES
+from ray_fer.lease import LEASE_TIMEOUT_ENV, LeaseError
+from ray_fer.output import COMMIT_FILE, SUCCESS_FILE, OutputError, OutputRun, output_schema
+
+SCHEMA = output_schema(CLASSES)
+
+
+def _rows(paths: list[str], errors: list[str | None] | None = None, model: str = "m") -> pa.Table:
+    errors = errors or [None] * len(paths)
+    columns = {f.name: pa.nulls(len(paths), f.type) for f in SCHEMA}
+    columns.update(path=pa.array(paths, pa.string()), error=pa.array(errors, pa.string()),
+                   label=pa.array([None if e else "happy" for e in errors], pa.string()),
+                   model=pa.array([model] * len(paths), pa.string()))
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _write(uri: str, table: pa.Table) -> None:
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _read(dst: str) -> pa.Table:
+    """What a reader sees: the top-level Parquet files as one data set ("_" names skipped)."""
+    fs, path = storage.filesystem(dst)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def _names(dst: str) -> list[str]:
+    return [storage.basename(uri) for uri, _ in storage.list_dir(dst)]
+
+
+def _old_output(dst: str) -> bytes:
+    """A finished output of two files and its _SUCCESS; returns the _SUCCESS bytes."""
+    _write(storage.join(dst, "old-a.parquet"), _rows(["/a.jpg", "/b.jpg"]))
+    _write(storage.join(dst, "old-b.parquet"), _rows(["/c.jpg"]))
+    storage.write_bytes(storage.join(dst, SUCCESS_FILE), b'{"images": 3}')
+    return b'{"images": 3}'
+
+
+def _stage(run: OutputRun, paths: list[str]) -> None:
+    """What the labelling writes: the run's rows in its staging folder."""
+    _write(storage.join(run.new_dir, "x_000000.parquet"), _rows(paths))
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def dst(request, tmp_path) -> str:
+    """An output that does not exist yet: a local folder, or a prefix in a bucket on loopback S3."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/out/labels"
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    text = str(e.value)
+    assert len(text.splitlines()) == 1, text
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals, made before any cluster work
 
 
 def test_output_checks(tmp_path):
-    assert len(prepare_output(str(tmp_path / "new"), overwrite=False, skip_existing=False, model_id="m")) == 0
+    with OutputRun(str(tmp_path / "new"), overwrite=False, skip_existing=False, model_id="m") as run:
+        assert len(run.done) == 0
+    assert _names(str(tmp_path / "new")) == []  # the lease is gone again
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"path": ["/a.jpg"], "model": ["m"]}), out / "part.parquet")
     with pytest.raises(OutputError, match="is not empty \\(1 files\\); pass --overwrite .* --skip-existing"):
-        prepare_output(str(out), overwrite=False, skip_existing=False, model_id="m")
+        OutputRun(str(out), overwrite=False, skip_existing=False, model_id="m").__enter__()
     with pytest.raises(OutputError, match="labelled by model m, not other; pass the same --model"):
-        prepare_output(str(out), overwrite=False, skip_existing=True, model_id="other")
-    assert prepare_output(str(out), overwrite=False, skip_existing=True, model_id="m").to_pylist() == ["/a.jpg"]
+        OutputRun(str(out), overwrite=False, skip_existing=True, model_id="other").__enter__()
+    with OutputRun(str(out), overwrite=False, skip_existing=True, model_id="m") as run:
+        assert run.done.to_pylist() == ["/a.jpg"]
     (out / "notes.md").write_text("mine")
     with pytest.raises(OutputError, match="holds files ray-fer did not write .*notes.md"):
-        prepare_output(str(out), overwrite=True, skip_existing=False, model_id="m")
-    assert (out / "part.parquet").exists()  # nothing deleted
+        OutputRun(str(out), overwrite=True, skip_existing=False, model_id="m").__enter__()
+    assert sorted(_names(str(out))) == ["notes.md", "part.parquet"]  # nothing deleted, no lease left
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file"):
-        prepare_output(str(tmp_path / "file"), overwrite=False, skip_existing=False, model_id="m")
+        OutputRun(str(tmp_path / "file"), overwrite=False, skip_existing=False, model_id="m").__enter__()
+
+
+# --------------------------------------------------------------------------------------------
+# --overwrite: the old output stays whole until the new one is complete
+
+
+def test_overwrite_replaces_the_output_only_at_the_commit(dst):
+    success = _old_output(dst)
+    with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as run:
+        _stage(run, ["/x.jpg", "/y.jpg"])
+        # while the run labels, readers see the previous output, finished
+        assert sorted(_read(dst)["path"].to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg"]
+        assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
+        counts = run.check(pa.array(["/x.jpg", "/y.jpg"]))
+        assert (counts["images"], counts["errors"], counts["files"]) == (2, 0, ["x_000000.parquet"])
+        run.commit({"images": 2})
+    assert sorted(_read(dst)["path"].to_pylist()) == ["/x.jpg", "/y.jpg"]
+    marker = json.loads(storage.read_bytes(storage.join(dst, SUCCESS_FILE)))
+    assert marker == {"images": 2, "run_id": run.run_id, "files": ["x_000000.parquet"]}
+    assert sorted(_names(dst)) == [SUCCESS_FILE, "x_000000.parquet"]  # no lease, no staging folder
+
+
+def test_a_failed_overwrite_leaves_the_previous_output(dst):
+    success = _old_output(dst)
+    with pytest.raises(RuntimeError, match="the cluster went away"):
+        with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as run:
+            _stage(run, ["/x.jpg"])
+            raise RuntimeError("the cluster went away")
+    assert sorted(_read(dst)["path"].to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg"]
+    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
+    assert sorted(_names(dst)) == [SUCCESS_FILE, "old-a.parquet", "old-b.parquet"]
+
+
+def test_rows_that_do_not_match_are_not_committed(dst):
+    success = _old_output(dst)
+    with pytest.raises(OutputError) as e:
+        with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as run:
+            _stage(run, ["/x.jpg", "/x.jpg", "/y.jpg"])  # one path twice: what two writers would leave
+            run.check(pa.array(["/x.jpg", "/y.jpg"]))
+    assert "wrote 3 rows for 2 distinct paths" in _one_line(e) and "nothing was committed" in str(e.value)
+    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
+    assert sorted(_names(dst)) == [SUCCESS_FILE, "old-a.parquet", "old-b.parquet"]
+
+
+# --------------------------------------------------------------------------------------------
+# One run at a time (the lease itself: test_lease.py)
+
+
+def test_a_run_that_holds_the_output_refuses_another(tmp_path):
+    dst = str(tmp_path / "out")
+    with OutputRun(dst, overwrite=False, skip_existing=False, model_id="m") as run:
+        with pytest.raises(LeaseError) as e:
+            OutputRun(dst, overwrite=False, skip_existing=True, model_id="m").__enter__()
+        assert f"is in use by run {run.run_id}" in _one_line(e)
+        _stage(run, ["/x.jpg"])
+        run.check(pa.array(["/x.jpg"]))
+        run.commit({"images": 1})
+    assert _read(dst)["path"].to_pylist() == ["/x.jpg"]
+
+
+# --------------------------------------------------------------------------------------------
+# After a crash: the next run finishes a begun commit or deletes what never reached one
+
+
+def _die(run: OutputRun) -> None:
+    """What SIGKILL leaves: the run's files and its lease, no heartbeat any more."""
+    run.lease._stop.set()
+    run.lease._thread.join()
+
+
+def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    _old_output(dst)
+    run = OutputRun(dst, overwrite=True, skip_existing=False, model_id="m").__enter__()
+    _stage(run, ["/x.jpg", "/y.jpg"])
+    run.check(pa.array(["/x.jpg", "/y.jpg"]))
+    run._write_journal({"images": 2})  # the commit point ...
+    storage.delete_file(storage.join(dst, SUCCESS_FILE))  # ... and the first steps of applying it
+    storage.delete_file(storage.join(dst, "old-a.parquet"))
+    _die(run)
+    assert storage.exists(storage.join(run.staging, COMMIT_FILE)) and SUCCESS_FILE not in _names(dst)
+    time.sleep(0.6)
+
+    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+        with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
+            assert sorted(nxt.done.to_pylist()) == ["/x.jpg", "/y.jpg"]  # the dead run's rows, committed
+            nxt.check(pa.array([], pa.string()))
+            nxt.commit({"images": 2})
+    assert f"finishing the commit of run {run.run_id}" in caplog.text
+    assert sorted(_read(dst)["path"].to_pylist()) == ["/x.jpg", "/y.jpg"]
+    assert sorted(_names(dst)) == [SUCCESS_FILE, "x_000000.parquet"]
+
+
+def test_a_crash_before_the_commit_is_rolled_back(dst, monkeypatch, caplog):
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    success = _old_output(dst)
+    run = OutputRun(dst, overwrite=True, skip_existing=False, model_id="m").__enter__()
+    _stage(run, ["/x.jpg"])
+    _die(run)
+    time.sleep(0.6)
+    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+        with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
+            assert sorted(nxt.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg"]
+            assert not storage.exists(run.staging)
+    assert "deleting" in caplog.text and run.staging in caplog.text
+    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success  # never committed: nothing changed
+    assert sorted(_names(dst)) == [SUCCESS_FILE, "old-a.parquet", "old-b.parquet"]
+
+
+# --------------------------------------------------------------------------------------------
+# --skip-existing: read errors are labelled again, repeated rows dropped
+
+
+def test_skip_existing_relabels_read_errors_and_keeps_one_row_per_path(dst):
+    _write(storage.join(dst, "one.parquet"), _rows(
+        ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"],
+        [None, "cannot read file: not found", "empty file", "cannot read file: OSError: [Errno 5] I/O error"]))
+    _write(storage.join(dst, "two.parquet"), _rows(["/a.jpg", "/e.jpg"]))  # /a.jpg again, as two runs left it
+    _write(storage.join(dst, "three.parquet"), _rows(["/f.jpg"]))
+    with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as run:
+        # a content error ("empty file") is the file's answer; a read error is not, so it is labelled again
+        assert sorted(run.done.to_pylist()) == ["/a.jpg", "/c.jpg", "/e.jpg", "/f.jpg"]
+        _stage(run, ["/b.jpg", "/d.jpg"])
+        counts = run.check(pa.array(["/b.jpg", "/d.jpg"]))
+        assert (counts["images"], counts["errors"]) == (6, 1)
+        run.commit(counts)
+    table = _read(dst)
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert table.num_rows == len(rows) == 6
+    assert rows["/b.jpg"]["error"] is None and rows["/c.jpg"]["error"] == "empty file"
+    assert "three.parquet" in _names(dst)  # a file with nothing to drop is not rewritten
+    assert "one.parquet" not in _names(dst) and "two.parquet" not in _names(dst)

@@ -1,0 +1,113 @@
+"""Labelling against a troubled store: the loopback S3 server behind a real HTTP proxy that answers
+503 SlowDown or resets connections for chosen objects (conftest.FaultyS3Proxy)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+
+from ray_fer import storage
+from ray_fer.config import InferConfig
+from ray_fer.infer import label_images
+from ray_fer.labels import CLASSES
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _upload_faces(fer_root: Path, bucket: str, per_class: int) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3")
+    keys = []
+    for name in CLASSES:
+        for i, src in enumerate(sorted((fer_root / "val" / name).glob("*.jpg"))[:per_class]):
+            keys.append(f"in/{name}-{i}.jpg")
+            client.put_object(Bucket=bucket, Key=keys[-1], Body=src.read_bytes())
+    return keys
+
+
+def _rows(dst: str) -> list[dict]:
+    fs, path = storage.filesystem(dst)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["path", "label", "error"]).to_pylist()
+
+
+def test_labelling_outlasts_a_store_that_fails_for_a_while(ray_local, fer_root, s3_bucket, s3_faults, random_bundle):
+    keys = _upload_faces(fer_root, s3_bucket, per_class=4)
+    troubled = keys[::5]
+    s3_faults.fail(s3_bucket, troubled[::2], times=4, how="503")
+    s3_faults.fail(s3_bucket, troubled[1::2], times=4, how="reset")
+    summary = label_images(InferConfig(model=random_bundle, input=f"s3://{s3_bucket}/in",
+                                       output=f"s3://{s3_bucket}/out", precision="fp32"))
+    rows = _rows(f"s3://{s3_bucket}/out")
+    assert sorted(r["path"] for r in rows) == sorted(f"s3://{s3_bucket}/{k}" for k in keys)  # each once
+    assert all(r["error"] is None and r["label"] in CLASSES for r in rows)
+    assert summary["errors"] == 0 and summary["images"] == len(keys)
+    assert all(s3_faults.failed.get(f"/{s3_bucket}/{k}", 0) >= 4 for k in troubled)  # the faults happened
+
+
+def test_a_store_that_keeps_failing_stops_the_run_with_one_line(fer_root, s3_bucket, s3_faults, random_bundle):
+    keys = _upload_faces(fer_root, s3_bucket, per_class=2)
+    s3_faults.fail(s3_bucket, [keys[3]], times=-1, how="503")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {storage.RETRY_ENV: "0.05"}
+    done = subprocess.run([sys.executable, "-m", "ray_fer.cli", "infer", "--model", random_bundle,
+                           "--input", f"s3://{s3_bucket}/in", "--output", f"s3://{s3_bucket}/out"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ray-fer: error: cannot read s3://{s3_bucket}/{keys[3]} after 2 attempts: "), last
+    assert last.endswith("Nothing was committed and the output is as it was: run again once the store answers")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once(fer_root, random_bundle, tmp_path):
+    """SIGKILL the predictor actor's process while `ray-fer infer` runs: Ray restarts the actor,
+    the batches it held run again, and the output still has exactly one row per image."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    out = tmp_path / "labels"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fer.cli", "infer", "--model", random_bundle,
+                             "--input", str(fer_root / "val"), "--output", str(out), "--set", "batch_size=32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("predictor ready"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(180), "".join(lines)
+        time.sleep(2)  # into the run: some batches done, some in the actor
+        # Ray names an actor's process after its class, "ray::MapWorker(MapBatches(Predictor))";
+        # only this command's own (its private Ray instance's processes descend from it)
+        actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "MapBatches(Predictor)" in " ".join(p.cmdline())]
+        assert actors, "no predictor actor process found"
+        for actor in actors:
+            actor.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, "".join(lines[-40:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+    table = pads.dataset(str(out), format="parquet").to_table(columns=["path", "error"])
+    paths = table["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 3589  # every val image, once
+    assert table["error"].null_count == 3589
