@@ -15,8 +15,9 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     `If-None-Match: *` on S3); refuses while another run's heartbeat is younger than
     `lease_timeout()`; takes over an older one with a warning. A thread renews the heartbeat
     every timeout/4 (at most 15 s), each write conditional on the lease being unchanged.
- 2. finishes what dead runs left: a `_staging-*` folder with a `_COMMIT` is rolled forward, one
-    without is deleted.
+ 2. finishes what dead runs left: a `_staging-*` folder with a `_COMMIT` is rolled forward; one
+    without is deleted, or under --skip-existing kept: its staged rows count as labelled (so a
+    crashed job's work is not lost) and this run's commit moves them in.
  3. plans: a non-empty output is refused without --overwrite or --skip-existing; --overwrite
     will replace every top-level file; --skip-existing keeps the rows there except read errors
     and repeated paths, whose files are rewritten into `kept/`.
@@ -112,6 +113,9 @@ class OutputRun:
         self._keep: list[str] = []  # top-level Parquet files that stay as they are
         self._replace: list[str] = []  # top-level files the commit deletes
         self._kept: list[str] = []  # staged copies of old files less their dropped rows
+        self._salvaged: list[str] = []  # --skip-existing: files a run that died before its commit staged
+        self._adopted: list[str] = []  # salvaged files that stay as they are; the commit moves them in
+        self._dead: list[str] = []  # staging folders of dead runs, deleted at the commit
         self._files: list[str] | None = None  # the output's file names after the commit (set by check)
         self._journal_written = False
         self.lease: Lease | None = None
@@ -120,7 +124,7 @@ class OutputRun:
         _check_location(self.dst)
         self.lease = Lease.acquire(self.dst, self.run_id)
         try:
-            recover(self.dst)
+            self._salvaged, self._dead = recover(self.dst, salvage=self.skip_existing)
             self._plan()
         except BaseException:
             self._close()
@@ -148,7 +152,7 @@ class OutputRun:
     def _plan(self) -> None:
         entries = _top_level(self.dst)
         files = [uri for uri, _ in entries]
-        if not files:
+        if not files and not self._salvaged:
             return
         if not self.overwrite and not self.skip_existing:
             raise OutputError(f"output {self.dst!r} is not empty ({len(files)} files); pass --overwrite to replace "
@@ -162,10 +166,13 @@ class OutputRun:
             log.info("--overwrite: the %d files in %s are replaced once the new rows are complete",
                      len(self._replace), self.dst)
             return
-        self._scan([uri for uri, is_dir in entries if not is_dir and uri.endswith(".parquet")])
+        self._scan([uri for uri, is_dir in entries if not is_dir and uri.endswith(".parquet")] + self._salvaged)
 
     def _scan(self, files: list[str]) -> None:
-        """--skip-existing: the paths whose rows stay, and which old files stay as they are."""
+        """--skip-existing: the paths whose rows stay, and which old files stay as they are.
+
+        `files` are the top-level files, then those salvaged from dead runs: a path's first row
+        wins, so an old row beats a salvaged one for the same image."""
         parts = self._read_old(files)
         if not parts:
             return
@@ -183,10 +190,11 @@ class OutputRun:
         for uri, table in parts:
             mask = keep[start:start + table.num_rows]
             start += table.num_rows
+            salvaged = uri in self._salvaged
             if mask.all():
-                self._keep.append(uri)
+                (self._adopted if salvaged else self._keep).append(uri)
             else:
-                self._rewrite(uri, mask)
+                self._rewrite(uri, mask, replace=not salvaged)
 
     def _read_old(self, files: list[str]) -> list[tuple[str, pa.Table]]:
         """The path, model (and error) columns of the old files; unreadable ones are to be replaced."""
@@ -200,7 +208,8 @@ class OutputRun:
             except pa.ArrowInvalid as e:  # not OSError: a network error must not drop any rows
                 log.warning("%s is not a readable Parquet file (%s), left by a crashed write: it is deleted at "
                             "the commit and its images labelled again", uri, storage.short_error(e))
-                self._replace.append(uri)
+                if uri not in self._salvaged:  # those go with their dead run's folder
+                    self._replace.append(uri)
                 continue
             if "path" not in names or "model" not in names:
                 raise OutputError(f"{uri!r} is not a ray-fer output file (no path and model columns); "
@@ -209,8 +218,9 @@ class OutputRun:
             parts.append((uri, pq.read_table(path, columns=columns, filesystem=fs)))
         return parts
 
-    def _rewrite(self, uri: str, mask: np.ndarray) -> None:
-        """Stage a copy of an old file without the rows labelled again; the commit replaces it."""
+    def _rewrite(self, uri: str, mask: np.ndarray, *, replace: bool = True) -> None:
+        """Stage a copy of an old file without the rows labelled again; with `replace` the commit
+        deletes the original (a top-level file)."""
         import pyarrow.parquet as pq
 
         fs, path = storage.filesystem(uri)
@@ -221,7 +231,8 @@ class OutputRun:
             copy_fs.create_dir(copy_path.rsplit("/", 1)[0], recursive=True)
             pq.write_table(rows, copy_path, filesystem=copy_fs)
             self._kept.append(copy)
-        self._replace.append(uri)
+        if replace:
+            self._replace.append(uri)
 
     # -- check and commit -------------------------------------------------------------------
 
@@ -236,19 +247,22 @@ class OutputRun:
             raise OutputError(f"run {self.run_id} wrote {len(paths)} rows for {distinct} distinct paths ({known} of "
                               f"them asked for), expected one row for each of the {len(todo)} images to label; "
                               f"nothing was committed, {self.dst!r} is as it was: run again")
-        old = _count_files(self._keep + self._kept)
+        old = _count_files(self._keep + self._kept + self._adopted)
         if old["images"] != len(self.done):
             raise OutputError(f"output {self.dst!r} changed during run {self.run_id} ({old['images']} old rows kept, "
                               f"expected {len(self.done)}); nothing was committed: make sure only one job labels "
                               "into it, then run again with --skip-existing")
-        counts = _count_files(self._keep + self._kept + new)
+        counts = _count_files(self._keep + self._kept + self._adopted + new)
         self._files = sorted([storage.basename(f) for f in self._keep] + [name for _, name in self._moves(new)])
         return counts | {"files": self._files}
 
     def _moves(self, new: list[str]) -> list[tuple[str, str]]:
-        """(path in the staging folder, file name at the top level) for every staged file."""
-        kept = [(f"kept/{storage.basename(f)}", f"{self.run_id}-kept-{storage.basename(f)}") for f in self._kept]
-        return kept + [(f"new/{storage.basename(f)}", storage.basename(f)) for f in new]
+        """(path under the output, file name at the top level) for every staged and adopted file."""
+        own = storage.basename(self.staging)
+        kept = [(f"{own}/kept/{storage.basename(f)}", f"{self.run_id}-kept-{storage.basename(f)}") for f in self._kept]
+        adopted = [(_under(self.dst, f), f"{_under(self.dst, f).split('/', 1)[0][len(STAGING_PREFIX):]}-"
+                    f"{storage.basename(f)}") for f in self._adopted]
+        return kept + adopted + [(f"{own}/new/{storage.basename(f)}", storage.basename(f)) for f in new]
 
     def commit(self, success: dict[str, Any]) -> None:
         """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-8)."""
@@ -272,6 +286,7 @@ class OutputRun:
                               f"{self.run_id} commits nothing: run again with --skip-existing") from e
         journal = {"run_id": self.run_id, "delete": [storage.basename(f) for f in self._replace],
                    "move": self._moves(_parquet_files(self.new_dir)),
+                   "drop": [storage.basename(f) for f in self._dead],
                    "success": success | {"run_id": self.run_id, "files": self._files}}
         storage.write_bytes(storage.join(self.staging, COMMIT_FILE), json.dumps(journal, indent=2).encode())
         self._journal_written = True
@@ -285,18 +300,24 @@ def _apply(dst: str, staging: str, journal: dict[str, Any]) -> None:
         for name in journal["delete"]:
             _delete_if_present(storage.join(dst, name))
         for src, name in journal["move"]:
-            src_uri = storage.join(staging, src)
+            src_uri = storage.join(dst, src)
             if storage.exists(src_uri):  # else moved before the crash
                 fs, src_path = storage.filesystem(src_uri)
                 fs.move(src_path, storage.filesystem(storage.join(dst, name))[1])
         write_success(dst, journal["success"])
+    for folder in journal.get("drop", []):  # dead runs whose files this commit adopted
+        storage.delete_dir(storage.join(dst, folder))
     storage.delete_dir(staging)
 
 
-def recover(dst: str) -> None:
-    """Finish the commits that dead runs began; delete the staging folders of those that had not.
+def recover(dst: str, *, salvage: bool = False) -> tuple[list[str], list[str]]:
+    """Finish the commits that dead runs began. The staging folders of those that had not are
+    deleted, or with `salvage` (--skip-existing) kept: returns (the Parquet files they staged,
+    their folders), whose rows the run may adopt, so that a crashed job's work is not lost.
 
     Call only while holding the lease: a live run's staging folder would be deleted."""
+    salvaged: list[str] = []
+    dead: list[str] = []
     for uri, is_dir in _list_dir(dst):
         if not (is_dir and storage.basename(uri).startswith(STAGING_PREFIX)):
             continue
@@ -305,9 +326,16 @@ def recover(dst: str) -> None:
             journal = json.loads(storage.read_bytes(journal_uri))
             log.warning("finishing the commit of run %s into %s, which stopped half-way", journal["run_id"], dst)
             _apply(dst, uri, journal)
+        elif salvage:
+            files = _parquet_files(storage.join(uri, "new"))
+            log.warning("keeping the %d files that %s, a run that ended before its commit, had written",
+                        len(files), uri)
+            salvaged += files
+            dead.append(uri)
         else:
             log.warning("deleting %s: the files of a run that ended before its commit", uri)
             storage.delete_dir(uri)
+    return salvaged, dead
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +355,14 @@ def _check_location(dst: str) -> None:
         raise OutputError(f"cannot read output {dst!r}: {storage.short_error(e)}; check the path{storage.hint(dst)}")
     if kind == pafs.FileType.File:
         raise OutputError(f"output {dst!r} is a file; pass a folder or s3:// prefix for the Parquet data set")
+
+
+def _under(dst: str, uri: str) -> str:
+    """`uri` as a path relative to the output folder `dst`."""
+    root = storage.filesystem(dst)[1].rstrip("/") + "/"
+    path = storage.filesystem(uri)[1]
+    assert path.startswith(root), (uri, dst)
+    return path[len(root):]
 
 
 def _list_dir(dst: str) -> list[tuple[str, bool]]:

@@ -233,7 +233,7 @@ CLUSTER_NODES = 2
 CLUSTER_CPUS_PER_NODE = 1  # two 1-CPU nodes: a 2-worker training run must span both
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # gone before other modules start Ray instances of their own
 def ray_cluster(s3_server) -> LoopbackCluster:
     """A two-node Ray cluster: a head (GCS, dashboard and job server on 127.0.0.1) and a second
     node joined with `ray start --address`, each a `ray start --block` process of its own.

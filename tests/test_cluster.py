@@ -195,9 +195,28 @@ def test_local_storage_on_several_nodes_fails_the_job_with_the_fix(ray_cluster, 
     job = _submit(ray_cluster, " ".join([
         "python jobs/train.py --config jobs/train.yaml",
         f"--set data.train={fer_root}/train --set data.val={fer_root}/val --set data.limit_per_class=1",
+        "--set train.batch_size=1",  # 7 images over 4 workers: a step each
         f"--set model.weights=none --set run.storage_path={tmp_path}",
     ]), "local-storage")
     status, logs = _wait(ray_cluster, job, 60)
     assert status == "FAILED", logs
     assert f"run.storage_path {str(tmp_path)!r} is local, but the cluster has 2 nodes" in logs
     assert "Use s3://BUCKET/PREFIX" in logs
+
+
+@pytest.mark.cluster
+def test_labelling_and_evaluation_refuse_local_paths_on_several_nodes(ray_cluster, fer_root, tiny_bundle, tmp_path):
+    """Decode tasks on the other node could not read a local folder: refused before any work,
+    and an existing local output is left alone."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("untouched")
+    label = _submit(ray_cluster, f"python jobs/infer.py --model {tiny_bundle} --input {fer_root}/val/disgust "
+                                 f"--output {tmp_path}/out --overwrite", "label-local")
+    evaluate = _submit(ray_cluster, f"python jobs/evaluate.py --model {tiny_bundle} --data {fer_root}/val "
+                                    f"--limit-per-class 2 --output {tmp_path}/eval", "evaluate-local")
+    for job, what in ((label, f"input '{fer_root}/val/disgust'"), (evaluate, f"--data '{fer_root}/val'")):
+        status, logs = _wait(ray_cluster, job, 90)
+        assert status == "FAILED", logs
+        assert f"{what} is local, but the cluster has 2 nodes" in logs and "Use s3://BUCKET/PREFIX" in logs
+    assert (tmp_path / "out" / "keep.txt").read_text() == "untouched"
+    assert not (tmp_path / "eval").exists()

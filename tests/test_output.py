@@ -199,17 +199,36 @@ def test_a_crash_before_the_commit_is_rolled_back(dst, monkeypatch, caplog):
     _stage(run, ["/x.jpg"])
     _die(run)
     time.sleep(0.6)
+    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success  # never committed: nothing changed
+    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+        with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as nxt:
+            assert not storage.exists(run.staging)
+            _stage(nxt, ["/y.jpg"])
+            nxt.check(pa.array(["/y.jpg"]))
+            nxt.commit({"images": 1})
+    assert "deleting" in caplog.text and run.staging in caplog.text
+    assert _read(dst)["path"].to_pylist() == ["/y.jpg"]
+
+
+def test_skip_existing_keeps_the_rows_a_dead_run_had_staged(dst, monkeypatch, caplog):
+    """A job killed before its commit: the next --skip-existing run labels only what is left."""
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    success = _old_output(dst)  # /a.jpg, /b.jpg, /c.jpg
+    run = OutputRun(dst, overwrite=False, skip_existing=True, model_id="m").__enter__()
+    _stage(run, ["/x.jpg", "/y.jpg", "/a.jpg"])  # /a.jpg twice: the old row wins
+    _die(run)
+    time.sleep(0.6)
+    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
     with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
-            assert sorted(nxt.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg"]
-            assert not storage.exists(run.staging)
-    assert "deleting" in caplog.text and run.staging in caplog.text
-    assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success  # never committed: nothing changed
-    assert sorted(_names(dst)) == [SUCCESS_FILE, "old-a.parquet", "old-b.parquet"]
-
-
-# --------------------------------------------------------------------------------------------
-# --skip-existing: read errors are labelled again, repeated rows dropped
+            assert sorted(nxt.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/x.jpg", "/y.jpg"]
+            _stage(nxt, ["/z.jpg"])
+            counts = nxt.check(pa.array(["/z.jpg"]))
+            nxt.commit({"images": counts["images"]})
+    assert f"keeping the 1 files that {run.staging}" in caplog.text
+    assert sorted(_read(dst)["path"].to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/x.jpg", "/y.jpg", "/z.jpg"]
+    assert counts["images"] == 6
+    assert not [n for n in _names(dst) if n.startswith("_staging-")]  # the dead run's folder went at the commit
 
 
 def test_skip_existing_relabels_read_errors_and_keeps_one_row_per_path(dst):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,25 @@ def test_bad_input_fails_before_any_ray_work(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("ray-fer: error: image folder")
     assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_workers_a_local_instance_cannot_place_fail_at_once(fer_root, tmp_path):
+    """Ray Train would retry placing 4 one-CPU workers on this 2-CPU machine every minute, for ever."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_fer.cli", "train", "--set", f"data.train={fer_root / 'train'}",
+         "--set", f"data.val={fer_root / 'val'}", "--set", "data.limit_per_class=10", "--set", "train.batch_size=4",
+         "--set", "run.num_workers=4", "--set", "run.cpus_per_worker=1", "--set", "run.use_gpu=false",
+         "--set", f"run.storage_path={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert time.monotonic() - started < 60
+    assert re.fullmatch(r"ray-fer: error: run.num_workers=4 workers with 1 CPU each need 4 CPUs, but this machine "
+                        r"has [0-3]; lower run.num_workers or run.cpus_per_worker", proc.stderr.strip().splitlines()[-1])
 
 
 def test_zero_step_epochs_fail_before_any_ray_work(fer_root, tmp_path, monkeypatch):
