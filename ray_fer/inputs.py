@@ -33,14 +33,7 @@ def list_inputs(src: str) -> pa.Table:
     """
     import pyarrow.fs as pafs
 
-    try:
-        storage.check_bucket(src, "input")
-        kind = storage.info(src).type
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read input {src!r}: {storage.short_error(e)}; check the path{storage.hint(src)}")
-
+    kind = storage.kind_of(src, "input")
     if kind == pafs.FileType.File:
         if not src.lower().endswith(MANIFEST_SUFFIXES):
             raise InputError(f"input {src!r} is a file; pass a folder, an s3:// prefix, or a .parquet or .csv "

@@ -346,14 +346,7 @@ def _check_location(dst: str) -> None:
     """The output's bucket exists and the path is not a file, before the lease is written there."""
     import pyarrow.fs as pafs
 
-    try:
-        storage.check_bucket(dst, "output")
-        kind = storage.info(dst).type
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:
-        raise OutputError(f"cannot read output {dst!r}: {storage.short_error(e)}; check the path{storage.hint(dst)}")
-    if kind == pafs.FileType.File:
+    if storage.kind_of(dst, "output") == pafs.FileType.File:
         raise OutputError(f"output {dst!r} is a file; pass a folder or s3:// prefix for the Parquet data set")
 
 

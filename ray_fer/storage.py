@@ -250,6 +250,18 @@ def check_bucket(uri: str, role: str) -> None:
                            + " (and AWS_ENDPOINT_URL for S3-compatible stores)")
 
 
+def kind_of(uri: str, role: str) -> pafs.FileType:
+    """What `uri` is (file, folder, nothing) after checking its bucket; `role` ("input", "output")
+    names it in the StorageError raised when it cannot be read."""
+    try:
+        check_bucket(uri, role)
+        return info(uri).type
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StorageError(f"cannot read {role} {uri!r}: {short_error(e)}; check the path{hint(uri)}") from None
+
+
 def hint(uri: str) -> str:
     """What to check when `uri` cannot be read: the S3 settings for s3:// URIs."""
     return S3_HINT if is_remote(uri) else ""

@@ -179,6 +179,21 @@ class FaultyS3Proxy:
         self.server.server_close()
 
 
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def dst(request, tmp_path) -> str:
+    """An output that does not exist yet: a local folder, or a prefix in a bucket on loopback S3."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/out/labels"
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    """The text of a raised error, which must be one line."""
+    text = str(e.value)
+    assert len(text.splitlines()) == 1, text
+    return text
+
+
 @pytest.fixture
 def s3_faults(s3_server):
     """The proxy in front of the loopback S3 server, healed again after the test."""

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_fer.inputs import InputError, list_inputs
+from ray_fer.storage import StorageError
 
 
 def test_list_inputs_recurses_and_filters_extensions(tmp_path):
@@ -29,7 +30,7 @@ def test_list_inputs_errors_name_the_path_and_the_fix(tmp_path):
     (tmp_path / "face.jpg").write_bytes(b"x")
     with pytest.raises(InputError, match="is a file; pass a folder"):
         list_inputs(str(tmp_path / "face.jpg"))
-    with pytest.raises(InputError, match="unsupported storage scheme"):
+    with pytest.raises(StorageError, match="cannot read input 'gs://bucket/faces': unsupported storage scheme"):
         list_inputs("gs://bucket/faces")
 
 

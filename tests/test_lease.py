@@ -12,19 +12,7 @@ import pytest
 from ray_fer import storage
 from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
 
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def dst(request, tmp_path) -> str:
-    """An output that does not exist yet: a local folder, or a prefix in a bucket on loopback S3."""
-    if request.param == "local":
-        return str(tmp_path / "out")
-    return f"s3://{request.getfixturevalue('s3_bucket')}/out/labels"
-
-
-def _one_line(e: pytest.ExceptionInfo) -> str:
-    text = str(e.value)
-    assert len(text.splitlines()) == 1, text
-    return text
+from conftest import _one_line
 
 
 def test_lease_refuses_a_second_run_and_is_taken_over_when_stale(dst, monkeypatch, caplog):

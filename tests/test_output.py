@@ -20,6 +20,8 @@ from ray_fer.labels import CLASSES
 from ray_fer.lease import LEASE_TIMEOUT_ENV, LeaseError
 from ray_fer.output import COMMIT_FILE, SUCCESS_FILE, OutputError, OutputRun, output_schema
 
+from conftest import _one_line
+
 SCHEMA = output_schema(CLASSES)
 
 
@@ -59,20 +61,6 @@ def _old_output(dst: str) -> bytes:
 def _stage(run: OutputRun, paths: list[str]) -> None:
     """What the labelling writes: the run's rows in its staging folder."""
     _write(storage.join(run.new_dir, "x_000000.parquet"), _rows(paths))
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def dst(request, tmp_path) -> str:
-    """An output that does not exist yet: a local folder, or a prefix in a bucket on loopback S3."""
-    if request.param == "local":
-        return str(tmp_path / "out")
-    return f"s3://{request.getfixturevalue('s3_bucket')}/out/labels"
-
-
-def _one_line(e: pytest.ExceptionInfo) -> str:
-    text = str(e.value)
-    assert len(text.splitlines()) == 1, text
-    return text
 
 
 # --------------------------------------------------------------------------------------------
