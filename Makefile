@@ -9,16 +9,19 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-all test-fast install clean
 
+# pip's own chatter goes to .venv/install.log; it is printed only if the install fails.
 $(BIN)/.installed: pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	touch $@
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing ray-fer and its pinned dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(BIN)/python -m pip install -q --upgrade pip \
+	   && $(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'; } > $(VENV)/install.log 2>&1 \
+	   || { tail -n 40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log" >&2; exit 1; }
+	@touch $@
 
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	DATA="$(DATA)" PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
+	@DATA="$(DATA)" PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
