@@ -80,7 +80,7 @@ def list_image_folder(root: str, *, limit_per_class: int | None = None, seed: in
         log.warning("image folder %s has no images for: %s", root, ", ".join(missing))
     if not paths:
         raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    log.info("listed %d images in %s (%s)", len(paths), root,
+    log.info("listed %s images in %s (%s)", f"{len(paths):,}", root,
              ", ".join(f"{c} {counts[c]}" for c in CLASSES))
     return pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
 

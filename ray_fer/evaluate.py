@@ -60,7 +60,8 @@ def evaluate_folder(
     cluster.refuse_local_paths({"--data": data})
     if output is None:
         output = _default_output(model_uri, data, tta)
-    log.info("evaluating model %s on %d images of %s (tta %s) into %s", model_id, table.num_rows, data, tta, output)
+    log.info("evaluating model %s on %s images of %s (tta %s) into %s", model_id, f"{table.num_rows:,}", data, tta,
+             output)
 
     t0 = time.perf_counter()
     # the predictor adds its own `label` column (the prediction): the truth travels as true_label

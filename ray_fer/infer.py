@@ -69,7 +69,8 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "ray_fer_version": __version__, "config": asdict(cfg),
         })
-    log.info("labelled %d images (%d errors) into %s in %.1f s", todo.num_rows, counts["errors"], cfg.output, seconds)
+    log.info("labelled %s images (%s errors) into %s in %.1f s", f"{todo.num_rows:,}", f"{counts['errors']:,}",
+             cfg.output, seconds)
     return summary
 
 

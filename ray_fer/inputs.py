@@ -51,7 +51,7 @@ def list_inputs(src: str) -> pa.Table:
     if not paths:
         raise InputError(f"no images under {src!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
                          "check the path" + (" and the prefix" if storage.is_remote(src) else ""))
-    log.info("listed %d images under %s", len(paths), src)
+    log.info("listed %s images under %s", f"{len(paths):,}", src)
     return pa.table({"path": pa.array(paths, pa.string())})
 
 
