@@ -52,6 +52,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     weights: str = "none"  # imagenet | none | a path or s3:// URI of a state dict or model bundle
+    # stride of the stem convolution: 2 is EfficientNet-B0 as published; 1 halves the total stride
+    # (32 -> 16) for small faces: a 48-px input keeps a 3x3 final feature map instead of 2x2
+    stem_stride: Literal[1, 2] = 2
 
 
 @dataclass
@@ -131,7 +134,9 @@ class TrainJobConfig:
 
 @dataclass
 class InferConfig:
-    model: str = ""  # model bundle written by `ray-fer train` (local path or s3://)
+    # a packaged model's name (fer2013: ray_fer/models/), or a model.pt that `ray-fer train` wrote
+    # (local path, s3:// URI, or its run folder)
+    model: str = "fer2013"
     input: str = ""  # image folder, s3:// prefix, or a .parquet/.csv manifest with a `path` column
     output: str = ""  # local folder or s3:// prefix that receives the Parquet data set
     overwrite: bool = False  # replace an existing output (only files ray-fer writes are deleted)
@@ -146,7 +151,8 @@ class InferConfig:
 
     def check(self) -> None:
         if not self.model:
-            raise ConfigError("model is not set: pass --model PATH (the model.pt that `ray-fer train` wrote)")
+            raise ConfigError("model is empty: pass --model fer2013 (the packaged model) or the model.pt "
+                              "that `ray-fer train` wrote")
         if not self.input:
             raise ConfigError("input is not set: pass --input PATH (a folder, s3://bucket/prefix or a manifest)")
         if not self.output:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import urllib.error
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,18 +29,33 @@ log = logging.getLogger(__name__)
 
 ARCHITECTURE = "efficientnet_b0"
 BUNDLE_FORMAT = "ray-fer-bundle/1"
+# Models that ship inside the package (ray_fer/models/<name>.pt), usable by name as --model
+PACKAGED_MODELS = {"fer2013": "trained by `ray-fer train --config jobs/fer2013-cpu.yaml` on FER2013 train"}
+DEFAULT_MODEL = "fer2013"
 
 
 class ModelLoadError(UserError):
     """A weights or bundle file that cannot be used; the message names the file and the fix."""
 
 
-def build_model(weights: str = "none", num_classes: int = NUM_CLASSES) -> nn.Module:
+def build_model(weights: str = "none", num_classes: int = NUM_CLASSES, stem_stride: int = 2) -> nn.Module:
     """EfficientNet-B0 with a fresh `num_classes` head.
 
     weights: "none" (random init), "imagenet" (torchvision's ImageNet-1k weights; downloaded once
     into the torch hub cache) or a path / s3:// URI of a state dict or model bundle.
+    stem_stride: 2 as published; 1 for small inputs (same weights, a 2x larger feature map throughout).
     """
+    return set_stem_stride(_build(weights, num_classes), stem_stride)
+
+
+def set_stem_stride(model: nn.Module, stride: int) -> nn.Module:
+    """Set the stride of EfficientNet-B0's first convolution; the weights' shapes do not change."""
+    stem = model.features[0][0]
+    stem.stride = (stride, stride)
+    return model
+
+
+def _build(weights: str, num_classes: int) -> nn.Module:
     if weights == "none":
         model = efficientnet_b0(weights=None, num_classes=num_classes)
         _reset_head(model.classifier[1])
@@ -133,6 +149,7 @@ class ModelBundle:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     architecture: str = ARCHITECTURE
+    stem_stride: int = 2  # 1: the small-input variant (see ModelConfig.stem_stride)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved training config
     metrics: dict[str, Any] = field(default_factory=dict)  # the best epoch's metrics
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics of the run
@@ -143,7 +160,15 @@ class ModelBundle:
             raise ModelLoadError(f"bundle architecture {self.architecture!r} is not supported ({ARCHITECTURE})")
         model = efficientnet_b0(weights=None, num_classes=len(self.classes))
         _load_state(model, self.state_dict, "model bundle")
-        return model.eval()
+        return set_stem_stride(model, self.stem_stride).eval()
+
+    def half(self) -> "ModelBundle":
+        """The same bundle with its floating-point tensors stored as float16 (half the bytes).
+
+        Models always run in float32 or autocast: `build_model` copies the weights into a float32
+        model, so only the stored values are rounded (`ray-fer export --half` checks the labels)."""
+        state = {k: v.half() if v.is_floating_point() else v for k, v in self.state_dict.items()}
+        return dataclasses.replace(self, state_dict=state)
 
     def eval_preset(self, channels_last: bool = True) -> EvalPreset:
         return EvalPreset(image_size=self.image_size, mean=self.mean, std=self.std, channels_last=channels_last)
@@ -158,6 +183,7 @@ class ModelBundle:
             "mean": list(self.mean),
             "std": list(self.std),
             "architecture": self.architecture,
+            "stem_stride": self.stem_stride,
             "config": self.config,
             "metrics": self.metrics,
             "history": self.history,
@@ -182,6 +208,7 @@ class ModelBundle:
             mean=tuple(obj["mean"]),
             std=tuple(obj["std"]),
             architecture=obj["architecture"],
+            stem_stride=int(obj.get("stem_stride", 2)),
             config=obj.get("config", {}),
             metrics=obj.get("metrics", {}),
             history=obj.get("history", []),
@@ -200,11 +227,24 @@ def load_bundle(uri: str) -> tuple[ModelBundle, str]:
     return bundle, model_id(bundle)
 
 
+def packaged_model(name: str) -> str | None:
+    """The file of a model shipped in the package (see PACKAGED_MODELS), or None for other names."""
+    if name not in PACKAGED_MODELS:
+        return None
+    from importlib.resources import files
+
+    path = files("ray_fer") / "models" / f"{name}.pt"
+    if not path.is_file():
+        raise ModelLoadError(f"this installation lacks the packaged model {name!r} ({path}); reinstall ray-fer, "
+                             "or pass --model with a model.pt that `ray-fer train` wrote")
+    return str(path)
+
+
 def model_id(bundle: ModelBundle) -> str:
     """A model's identity: the first 16 hex digits of a SHA-256 over what decides its predictions.
 
     That is the weights, the classes, the preprocessing (decode and input size, mean, std) and
-    the architecture; not the config, metrics or history, so re-exporting the same weights
+    the architecture (with the stem stride); not the config, metrics or history, so re-exporting the same weights
     keeps the id (labelled outputs name the model that wrote them) and any other weights get
     a new one. Computed from the content, so bundles written before this rule get an id too.
     """
@@ -212,6 +252,8 @@ def model_id(bundle: ModelBundle) -> str:
     header = {"architecture": bundle.architecture, "classes": list(bundle.classes),
               "image_size": bundle.image_size, "decode_size": bundle.decode_size,
               "mean": [float(m) for m in bundle.mean], "std": [float(s) for s in bundle.std]}
+    if bundle.stem_stride != 2:  # only where it differs, so ids of bundles from before it stay the same
+        header["stem_stride"] = bundle.stem_stride
     h.update(json.dumps(header, sort_keys=True).encode() + b"\0")
     for name in sorted(bundle.state_dict):
         t = bundle.state_dict[name].detach().cpu().contiguous()

@@ -96,7 +96,14 @@ def load_run_history(run: str) -> tuple[list[dict[str, Any]], int | None, str]:
 
 
 def resolve_model(uri: str) -> str:
-    """A model bundle's URI: the path itself, or <run folder>/model.pt when given a run folder."""
+    """A model bundle's URI: the file of a packaged model given by name (e.g. "fer2013"), the path
+    itself, or <run folder>/model.pt when given a run folder. A packaged model's name wins over a
+    local file or folder of that name: write ./fer2013 for those."""
+    from ray_fer.model import packaged_model
+
+    packaged = packaged_model(uri)
+    if packaged is not None:
+        return packaged
     if storage.is_dir(uri):
         inner = storage.join(uri, BUNDLE_FILE)
         if not storage.exists(inner):
@@ -104,8 +111,11 @@ def resolve_model(uri: str) -> str:
                             "wrote (training writes it when the run finishes)")
         return inner
     if not storage.exists(uri):
+        from ray_fer.model import PACKAGED_MODELS
+
         raise UserError(f"model {uri!r} does not exist; pass the model.pt that `ray-fer train` wrote "
-                        "(<run.storage_path>/<run.name>/model.pt) or its run folder")
+                        "(<run.storage_path>/<run.name>/model.pt), its run folder, or a packaged model: "
+                        + ", ".join(PACKAGED_MODELS))
     return uri
 
 
@@ -136,7 +146,9 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
 
     data = state["config"]["data"]
     return ModelBundle(state_dict=state["model"], image_size=int(data["image_size"]),
-                       decode_size=int(data["decode_size"]), config=state["config"], metrics=state["metrics"],
+                       decode_size=int(data["decode_size"]),
+                       stem_stride=int(state["config"].get("model", {}).get("stem_stride", 2)),
+                       config=state["config"], metrics=state["metrics"],
                        history=history)
 
 

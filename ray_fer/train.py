@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    model = build_model(cfg.model.weights)
+    model = build_model(cfg.model.weights, stem_stride=cfg.model.stem_stride)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)

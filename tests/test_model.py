@@ -115,3 +115,33 @@ def test_imagenet_weights_offline_say_how_to_pass_a_file(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: torchvision must download
     with pytest.raises(ModelLoadError, match=r"pass model.weights=/path/to/efficientnet_b0"):
         build_model("imagenet")
+
+
+def test_a_stem_without_stride_doubles_every_feature_map_and_travels_in_the_bundle(tmp_path):
+    x = torch.randn(1, 3, 48, 48)
+    plain, small = build_model("none").eval(), build_model("none", stem_stride=1).eval()
+    with torch.inference_mode():
+        assert plain.features(x).shape[-2:] == (2, 2)  # 48 / 32, rounded up
+        assert small.features(x).shape[-2:] == (3, 3)  # 48 / 16
+    bundle = ModelBundle(state_dict=small.state_dict(), image_size=48, decode_size=48, stem_stride=1)
+    uri = str(tmp_path / "s1.pt")
+    ident = save_bundle(bundle, uri)
+    loaded, _ = load_bundle(uri)
+    assert loaded.stem_stride == 1 and loaded.build_model().features[0][0].stride == (1, 1)
+    # the same weights through the published stem are another model; stride-2 ids are as before
+    assert ident != model_id(ModelBundle(state_dict=small.state_dict(), image_size=48, decode_size=48))
+
+
+def test_a_half_bundle_stores_float16_and_runs_in_float32(tmp_path):
+    bundle = _trained_bundle()
+    half = bundle.half()
+    assert half.state_dict["classifier.1.weight"].dtype == torch.float16
+    assert bundle.state_dict["classifier.1.weight"].dtype == torch.float32  # the original is untouched
+    save_bundle(bundle, str(tmp_path / "full.pt"))
+    save_bundle(half, str(tmp_path / "half.pt"))
+    assert (tmp_path / "half.pt").stat().st_size < 0.55 * (tmp_path / "full.pt").stat().st_size
+    net = load_bundle(str(tmp_path / "half.pt"))[0].build_model()
+    assert net.classifier[1].weight.dtype == torch.float32
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net(x), bundle.build_model()(x), atol=5e-2)
