@@ -32,7 +32,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="label an image folder, s3:// prefix or manifest into a Parquet data set")
-    p.add_argument("--model", help="model.pt written by `ray-fer train` (local or s3://)")
+    p.add_argument("--model", help="fer2013 (the packaged model, the default), or a model.pt written by "
+                   "`ray-fer train` (local or s3://) or its run folder")
     p.add_argument("--input", help="image folder, s3://bucket/prefix, or a .parquet/.csv manifest with a path column")
     p.add_argument("--output", help="folder or s3://bucket/prefix for the Parquet data set")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
@@ -56,7 +57,8 @@ def _infer(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and a confusion matrix on a labelled folder")
-    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, or its run folder")
+    p.add_argument("--model", default="fer2013", help="fer2013 (the packaged model, the default), or a model.pt "
+                   "written by `ray-fer train` (local or s3://) or its run folder")
     p.add_argument("--data", required=True, help="labelled image folder <class>/*.jpg (local or s3://), "
                    "e.g. ../shared/data/fer2013/val")
     p.add_argument("--output", help="folder for metrics.json, confusion_matrix.png and report.md "
@@ -89,7 +91,8 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label a few image files and show the top probabilities")
-    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, or its run folder")
+    p.add_argument("--model", default="fer2013", help="fer2013 (the packaged model, the default), or a model.pt "
+                   "written by `ray-fer train` (local or s3://) or its run folder")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: 3)")
@@ -102,6 +105,22 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     result = predict_files(args.model, args.images, tta=args.tta, top=args.top)
     print(format_predictions(result), flush=True)
     return result
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model bundle elsewhere, optionally with float16 weights (checked)")
+    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, its run folder, or fer2013")
+    p.add_argument("--output", required=True, help="path or s3:// URI of the bundle to write")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size); needs --check-data")
+    p.add_argument("--check-data", help="labelled image folder on which the exported labels must agree with the "
+                   "original's on >= 99.9%% of images (nothing is written otherwise)")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.export import export_model
+
+    return export_model(args.model, args.output, half=args.half, check_data=args.check_data)
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_help = "show Ray's own logs (execution plans, progress bars, Train's messages) and debug logging"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare):
+    for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare, _add_export):
         add(sub)
     for child in sub.choices.values():  # `ray-fer train -v` as well as `ray-fer -v train`
         child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)

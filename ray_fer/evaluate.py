@@ -21,7 +21,7 @@ from ray_fer.data import DataError, find_split, list_image_folder
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import classification_metrics
-from ray_fer.model import load_bundle
+from ray_fer.model import PACKAGED_MODELS, load_bundle
 from ray_fer.predictor import prediction_dataset
 from ray_fer.report import write_evaluation
 from ray_fer.runs import resolve_model
@@ -59,7 +59,7 @@ def evaluate_folder(
     cluster.connect()
     cluster.refuse_local_paths({"--data": data})
     if output is None:
-        output = _default_output(model_uri, data, tta)
+        output = _default_output(model, model_uri, data, tta)
     log.info("evaluating model %s on %s images of %s (tta %s) into %s", model_id, f"{table.num_rows:,}", data, tta,
              output)
 
@@ -116,8 +116,11 @@ def evaluate_folder(
     }
 
 
-def _default_output(model_uri: str, data: str, tta: str) -> str:
-    """<model folder>/eval/<data folder name>-<tta>: a run's evaluations collect beside its model."""
+def _default_output(model: str, model_uri: str, data: str, tta: str) -> str:
+    """<model folder>/eval/<data folder name>-<tta>: a run's evaluations collect beside its model;
+    a packaged model's in ./eval/<its name>/ (never inside the installed package)."""
+    if model in PACKAGED_MODELS:
+        model_uri = os.path.join("eval", model, "model.pt")
     if not storage.is_remote(model_uri):
         model_uri = os.path.abspath(model_uri)
     if not storage.is_remote(data):

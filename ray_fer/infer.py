@@ -28,6 +28,7 @@ from ray_fer.inputs import list_inputs
 from ray_fer.model import ModelBundle, load_bundle
 from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
 from ray_fer.predictor import prediction_dataset
+from ray_fer.runs import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     cfg.check()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    bundle, model_id = load_bundle(cfg.model)
+    bundle, model_id = load_bundle(resolve_model(cfg.model))
     inputs = list_inputs(cfg.input)
     cluster.connect()
     cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
