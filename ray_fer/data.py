@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ray_fer import storage
 from ray_fer.config import UserError
-from ray_fer.decode import IMAGE_EXTENSIONS, ImageError, decode_image
+from ray_fer.decode import IMAGE_EXTENSIONS, ImageError, decode_image, decode_photo
 from ray_fer.labels import CLASSES, class_index
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not be read (not a content error)
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
+PHOTO_DECODE_BATCH = 256  # most photos per read-and-decode task when faces are detected (~5 s of work)
+MIN_PHOTO_DECODE_BATCH = 16
+PHOTO_BLOCK = 16  # photos per output block of a decode task: ~35 MB of 1280x960 photos, streamed out
+AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
+PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")
 
 
 class DataError(UserError):
@@ -112,27 +117,74 @@ def decode_batch(batch: dict[str, Any], *, decode_size: int) -> dict[str, Any]:
                           "error": np.array(errors, dtype=object)}
 
 
+def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, faces: str):
+    """Ray Data batch function for face detection: read and decode each `path` once
+    (`decode.decode_photo`), yielding blocks of PHOTO_BLOCK rows so that a task holds a few
+    decoded photos at a time, whatever its size.
+
+    Every row stays. Adds what `decode_batch` adds (`image` holds the whole image where it is a
+    face crop: --faces auto and a small image; zeros elsewhere) and the photo's two copies as raw
+    bytes with their sizes: `detect` (RGB), `gray` (PHOTO_COLUMNS; empty for crops and errors).
+    """
+    whole_max_side = AUTO_WHOLE_SIDE if faces == "auto" else 0
+    paths = [str(p) for p in batch["path"]]
+    blobs = storage.read_each(paths)  # streamed: a few files in memory at a time
+    for start in range(0, len(paths), PHOTO_BLOCK):
+        n = min(PHOTO_BLOCK, len(paths) - start)
+        sizes = ("width", "height", "detect_height", "detect_width", "gray_height", "gray_width")
+        out: dict[str, np.ndarray] = {name: np.zeros(n, dtype=np.int32) for name in sizes}
+        out |= {"image": np.zeros((n, decode_size, decode_size), dtype=np.uint8),
+                "detect": np.full(n, b"", dtype=object), "gray": np.full(n, b"", dtype=object),
+                "error": np.full(n, None, dtype=object)}
+        for i in range(n):
+            blob = next(blobs)
+            if isinstance(blob, FileNotFoundError):
+                out["error"][i] = READ_ERROR_PREFIX + "not found"
+                continue
+            try:
+                photo = decode_photo(blob, detect_size=detect_size, size=decode_size, whole_max_side=whole_max_side)
+            except ImageError as e:
+                out["error"][i] = str(e)
+                continue
+            out["width"][i], out["height"][i] = photo.width, photo.height
+            if photo.face is not None:
+                out["image"][i] = photo.face
+                continue
+            out["detect"][i] = photo.detect.tobytes()
+            out["detect_height"][i], out["detect_width"][i] = photo.detect.shape[:2]
+            out["gray"][i] = photo.gray.tobytes()
+            out["gray_height"][i], out["gray_width"][i] = photo.gray.shape
+        yield {k: np.asarray(v)[start:start + n] for k, v in batch.items()} | out
+
+
 def decoded_dataset(table: pa.Table, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
-                    num_cpus: float = 1.0):
+                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640):
     """The lazy read-and-decode stage over a table with a `path` column, adding `image` (uint8),
     `width`, `height` and `error` (see `decode_batch`); one row per input row, other columns kept.
+    With `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
 
-    The table is split evenly into CPU tasks of at most `decode_batch_size` files, and into at
-    least one task per cluster CPU while each still gets MIN_DECODE_BATCH files, so a store of
-    big photos keeps every CPU busy.
+    The table is split evenly into CPU tasks of at most `decode_batch_size` files (PHOTO_DECODE_BATCH
+    for photos), and into at least one task per cluster CPU while each still gets MIN_DECODE_BATCH
+    files (MIN_PHOTO_DECODE_BATCH), so a store of big photos keeps every CPU busy.
     """
     import ray
     import ray.data
 
+    photos = faces != "whole"
+    most = min(decode_batch_size, PHOTO_DECODE_BATCH) if photos else decode_batch_size
+    fewest = MIN_PHOTO_DECODE_BATCH if photos else MIN_DECODE_BATCH
     n = table.num_rows
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    tasks = max(-(-n // decode_batch_size), min(cpus, n // MIN_DECODE_BATCH), 1)
+    tasks = max(-(-n // most), min(cpus, n // fewest), 1)
     bounds = [i * n // tasks for i in range(tasks + 1)]
     # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
     slices = [table.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+    if photos:
+        fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces}
+    else:
+        fn, kwargs = decode_batch, {"decode_size": decode_size}
     return ray.data.from_arrow(slices).map_batches(
-        decode_batch, fn_kwargs={"decode_size": decode_size},
-        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
+        fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
     )
 
 
