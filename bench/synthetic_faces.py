@@ -8,6 +8,7 @@ pasted into (before rotation), in pixels of the photo. Nothing here imports ray_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,18 @@ class PastedFace:
     box: tuple[int, int, int, int]  # x, y, w, h of the pasted square, before rotation
     angle: float  # degrees, counter-clockwise
     source: int  # index of the FER crop in the list given to `make_photo`
+
+    def face_box(self, in_crop: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """The box (x, y, w, h) in the photo of a face whose box in its 48x48 crop is `in_crop`:
+        scaled with the paste, its centre turned with the rotation, its size kept."""
+        x, y, side, _ = self.box
+        k = side / 48
+        cx, cy = x + side / 2, y + side / 2
+        fx, fy = x + (in_crop[0] + in_crop[2] / 2) * k - cx, y + (in_crop[1] + in_crop[3] / 2) * k - cy
+        a = math.radians(self.angle)  # PIL rotates counter-clockwise as seen: y points down
+        rx, ry = fx * math.cos(a) + fy * math.sin(a), -fx * math.sin(a) + fy * math.cos(a)
+        w, h = in_crop[2] * k, in_crop[3] * k
+        return (cx + rx - w / 2, cy + ry - h / 2, w, h)
 
 
 def background(rng: np.random.Generator, width: int, height: int, kind: str) -> Image.Image:
