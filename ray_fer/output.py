@@ -2,7 +2,8 @@
 
 An output (a folder or s3:// prefix) holds:
 
-    *.parquet           the rows, one per input file, one schema
+    *.parquet           the rows, one per input file (with faces, one per face and one for a file
+                        without a face), one schema
     _SUCCESS            JSON summary; present only beside a complete set of *.parquet files
     _LEASE              JSON: the run that holds the output (run id, host, pid, started, heartbeat)
     _staging-<run id>/  a run's files before its commit: new/*.parquet (this run's rows),
@@ -23,7 +24,8 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     and repeated paths, whose files are rewritten into `kept/`.
  4. labels into `_staging-<run id>/new/`. The top level is untouched, so the previous output and
     its `_SUCCESS` stay readable throughout.
- 5. checks: the staged rows hold each path to label exactly once, and nothing else.
+ 5. checks: the staged rows hold each path to label exactly once (with faces: exactly one first
+    row, `face` 0 or null, per path), and nothing else.
  6. renews the lease: a run that lost it to another commits nothing.
  7. writes `_staging-<run id>/_COMMIT`, one atomic write naming the files to delete, the files
     to move and the new `_SUCCESS`: the commit point.
