@@ -23,7 +23,7 @@ from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import classification_metrics
 from ray_fer.model import PACKAGED_MODELS, load_bundle
-from ray_fer.output import FACE_COLUMNS
+from ray_fer.output import FACE_COLUMNS, files_in
 from ray_fer.predictor import prediction_dataset
 from ray_fer.report import write_evaluation
 from ray_fer.runs import resolve_model
@@ -85,7 +85,7 @@ def evaluate_folder(
     with storage.stop_on_read_errors("Nothing was written: run the evaluation again once the store answers"):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             parts.append(batch.select(keep))
-            progress.update(progress.done + batch.num_rows)
+            progress.update(progress.done + files_in(batch))  # with faces, rows are faces
     progress.close()
     seconds = time.perf_counter() - t0
     predictions = pa.concat_tables(parts) if parts else pa.table({k: [] for k in keep})
