@@ -170,6 +170,16 @@ def test_cpu_plan_leaves_a_cpu_for_decoding(cpus):
     assert 1 <= plan.threads <= cpus and plan.memory > 0
 
 
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+def test_face_plan_runs_single_threaded_actors_on_small_machines(cpus):
+    plan = plan_predictors({"CPU": cpus}, faces=True)
+    assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus and plan.batch_size == 64
+    if cpus <= 4:  # one actor per CPU beside half a CPU for decoding
+        assert (plan.threads, plan.decode_cpus) == (1, 0.5) and plan.actors == max(1, round(cpus - 0.5))
+    gpu = plan_predictors({"CPU": cpus, "GPU": 2}, faces=True)
+    assert (gpu.device, gpu.actors, gpu.batch_size) == ("gpu", 2, 256)
+
+
 def test_plan_declares_memory_the_cluster_has():
     assert plan_predictors({"CPU": 2, "memory": 16 * 1024**3}).memory == 2 * 1024**3
     small = plan_predictors({"CPU": 4, "memory": 2 * 1024**3}, actors=2)
