@@ -138,12 +138,12 @@ def evaluate_folder(
 def _default_output(model: str, model_uri: str, data: str, tta: str) -> str:
     """<model folder>/eval/<data folder name>-<tta>: a run's evaluations collect beside its model;
     a packaged model's in ./eval/<its name>/ (never inside the installed package)."""
-    if model in PACKAGED_MODELS:
-        model_uri = os.path.join("eval", model, "model.pt")
-    if not storage.is_remote(model_uri):
-        model_uri = os.path.abspath(model_uri)
     if not storage.is_remote(data):
         data = os.path.abspath(data)
+    if model in PACKAGED_MODELS:
+        return os.path.join(os.path.abspath("eval"), model, f"{storage.basename(data)}-{tta}")
+    if not storage.is_remote(model_uri):
+        model_uri = os.path.abspath(model_uri)
     return storage.join(model_uri.rsplit("/", 1)[0], "eval", f"{storage.basename(data)}-{tta}")
 
 

@@ -70,9 +70,14 @@ def test_evaluate_fer_val_subset_end_to_end(ray_local, fer_root, bundle_path, tm
 
 def test_default_output_sits_beside_the_model(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert ev._default_output("model.pt", ".", "none") == str(tmp_path / "eval" / f"{tmp_path.name}-none")
-    assert ev._default_output("runs/fer/model.pt", "data/val/", "flip") == str(tmp_path / "runs/fer/eval/val-flip")
-    assert ev._default_output("s3://b/runs/fer/model.pt", "s3://b/fer/val/", "tencrop") == "s3://b/runs/fer/eval/val-tencrop"
+    assert ev._default_output("model.pt", "model.pt", ".", "none") == str(tmp_path / "eval" / f"{tmp_path.name}-none")
+    assert (ev._default_output("runs/fer", "runs/fer/model.pt", "data/val/", "flip")
+            == str(tmp_path / "runs/fer/eval/val-flip"))
+    assert (ev._default_output("s3://b/runs/fer/model.pt", "s3://b/runs/fer/model.pt", "s3://b/fer/val/", "tencrop")
+            == "s3://b/runs/fer/eval/val-tencrop")
+    # a packaged model's evaluations go to ./eval/<name>/, never into the installed package
+    packaged = "/site-packages/ray_fer/models/fer2013.pt"
+    assert ev._default_output("fer2013", packaged, "data/val", "none") == str(tmp_path / "eval/fer2013/val-none")
 
 
 # --------------------------------------------------------------------------------------------
