@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and make:
-#   make demo   train a small model on FER2013 (or DATA=...), label and evaluate with it
+#   make demo   label and evaluate FER2013 val (or DATA=...) with the packaged model, then a short training run
 #   make test   the test suite, less the tests marked slow (make test-all runs those too)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

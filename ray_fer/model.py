@@ -42,10 +42,12 @@ def build_model(weights: str = "none", num_classes: int = NUM_CLASSES, stem_stri
     """EfficientNet-B0 with a fresh `num_classes` head.
 
     weights: "none" (random init), "imagenet" (torchvision's ImageNet-1k weights; downloaded once
-    into the torch hub cache) or a path / s3:// URI of a state dict or model bundle.
+    into the torch hub cache), a packaged model's name (fine-tuning from it), or a path / s3:// URI
+    of a state dict or model bundle.
     stem_stride: 2 as published; 1 for small inputs (same weights, a 2x larger feature map throughout).
+    A bundle's weights must be used with the stem stride they were trained with.
     """
-    return set_stem_stride(_build(weights, num_classes), stem_stride)
+    return set_stem_stride(_build(weights, num_classes, stem_stride), stem_stride)
 
 
 def set_stem_stride(model: nn.Module, stride: int) -> nn.Module:
@@ -55,14 +57,18 @@ def set_stem_stride(model: nn.Module, stride: int) -> nn.Module:
     return model
 
 
-def _build(weights: str, num_classes: int) -> nn.Module:
+def _build(weights: str, num_classes: int, stem_stride: int) -> nn.Module:
     if weights == "none":
         model = efficientnet_b0(weights=None, num_classes=num_classes)
         _reset_head(model.classifier[1])
         return model
     if weights == "imagenet":
         return _imagenet_model(num_classes)
-    state = _state_dict_from_file(weights)
+    weights = packaged_model(weights) or weights
+    state, trained_stride = _state_dict_from_file(weights)
+    if trained_stride is not None and trained_stride != stem_stride:
+        raise ModelLoadError(f"{weights!r} was trained with model.stem_stride={trained_stride}; set "
+                             f"model.stem_stride={trained_stride} (and its data.image_size) to start from it")
     head = state.get("classifier.1.weight")
     if head is None:
         raise ModelLoadError(f"{weights!r} holds no EfficientNet-B0 weights (no 'classifier.1.weight' key)")
@@ -114,12 +120,13 @@ def _read(uri: str) -> bytes:
         raise ModelLoadError(f"cannot read model file {uri!r}: {e}; check the path or URI") from None
 
 
-def _state_dict_from_file(uri: str) -> dict[str, torch.Tensor]:
+def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The weights in a bundle or state dict file, and the stem stride a bundle was trained with."""
     obj = _torch_load(_read(uri), uri)
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
-        return obj["state_dict"]
+        return obj["state_dict"], int(obj.get("stem_stride", 2))
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+        return obj, None
     raise ModelLoadError(f"{uri!r} is neither a ray-fer model bundle nor a state dict of tensors")
 
 

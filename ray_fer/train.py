@@ -363,7 +363,7 @@ def check_inputs(cfg: TrainJobConfig):
     Returns the listed (path, label) tables of both splits."""
     train_table = list_image_folder(cfg.data.train, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
     val_table = list_image_folder(cfg.data.val, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
-    build_model(cfg.model.weights)  # reads / downloads the weights once: a bad file fails here
+    build_model(cfg.model.weights, stem_stride=cfg.model.stem_stride)  # reads / downloads the weights once: a bad file fails here
     return train_table, val_table
 
 

@@ -145,3 +145,12 @@ def test_a_half_bundle_stores_float16_and_runs_in_float32(tmp_path):
     x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(net(x), bundle.build_model()(x), atol=5e-2)
+
+
+def test_weights_from_a_bundle_keep_the_stem_they_were_trained_with(tmp_path):
+    small = build_model("none", stem_stride=1)
+    uri = str(tmp_path / "s1.pt")
+    save_bundle(ModelBundle(state_dict=small.state_dict(), image_size=40, decode_size=48, stem_stride=1), uri)
+    assert build_model(uri, stem_stride=1).features[0][0].stride == (1, 1)
+    with pytest.raises(ModelLoadError, match=r"trained with model.stem_stride=1; set model.stem_stride=1"):
+        build_model(uri)

@@ -1,0 +1,40 @@
+"""The packaged model (ray_fer/models/fer2013.pt): found by name, compact, and as accurate as its
+README figures say on FER2013 val, through the same labelling chain as `ray-fer evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import _run_cli
+from ray_fer.config import InferConfig
+from ray_fer.model import DEFAULT_MODEL, load_bundle
+from ray_fer.runs import resolve_model
+
+# Measured: 0.xxx on FER2013 val without TTA (docs/training.md); a broken build falls far below.
+VAL_ACCURACY_FLOOR = 0.60
+
+
+def test_the_default_model_is_packaged_compact_and_loads_weights_only():
+    path = resolve_model(DEFAULT_MODEL)
+    assert InferConfig().model == DEFAULT_MODEL and path.endswith("ray_fer/models/fer2013.pt")
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert raw["format"] == "ray-fer-bundle/1"
+    floats = [v for v in raw["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    bundle, _ = load_bundle(path)
+    assert bundle.build_model().features[0][0].stride == (bundle.stem_stride,) * 2
+    assert bundle.metrics["val_acc"] >= VAL_ACCURACY_FLOOR  # what training measured on val
+
+
+@pytest.mark.integration
+def test_the_packaged_model_scores_above_its_floor_on_fer_val(ray_local, fer_root, tmp_path, capsys):
+    rc, out, err = _run_cli(["evaluate", "--data", str(fer_root / "val"), "--output", str(tmp_path)], capsys)
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["images"] == 3589 and summary["errors"] == 0
+    assert metrics["accuracy"] >= VAL_ACCURACY_FLOOR, metrics["accuracy"]
+    assert summary["model"] == load_bundle(resolve_model(DEFAULT_MODEL))[1]
