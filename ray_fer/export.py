@@ -69,7 +69,6 @@ def _agreement(original, exported, data: str) -> dict[str, Any]:
 
     from ray_fer.decode import ImageError, decode_image
     from ray_fer.evaluate import _list_labelled
-    from ray_fer.labels import CLASSES
     from ray_fer.predictor import predict_probs
 
     table = _list_labelled(data, None)
@@ -79,7 +78,7 @@ def _agreement(original, exported, data: str) -> dict[str, Any]:
             pixels.append(decode_image(storage.read_bytes(path), original.decode_size)[0])
         except (ImageError, OSError):
             continue
-        truth.append(CLASSES.index(label))
+        truth.append(int(label))  # list_image_folder gives class indices
     if not pixels:
         raise UserError(f"{data!r} holds no decodable labelled images to check the export with")
     x = torch.from_numpy(np.stack(pixels))

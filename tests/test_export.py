@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,22 +14,32 @@ from ray_fer.export import export_model
 from ray_fer.model import load_bundle
 
 
-def test_half_export_is_checked_on_every_val_image_and_halves_the_file(fer_root, bundle_path, tmp_path):
+def test_half_export_is_checked_on_every_val_image_and_halves_the_file(fer_root, tmp_path):
+    # the packaged model, widened to float32, is a trained model whose float16 copy is known: the
+    # packaged file itself (same id), with the same labels on every val image
+    from ray_fer.model import DEFAULT_MODEL, save_bundle
+    from ray_fer.runs import resolve_model
+
+    packaged, packaged_id = load_bundle(resolve_model(DEFAULT_MODEL))
+    wide = str(tmp_path / "fp32.pt")
+    save_bundle(dataclasses.replace(packaged, state_dict={k: v.float() if v.is_floating_point() else v
+                                                          for k, v in packaged.state_dict.items()}), wide)
     out = tmp_path / "exported" / "model.pt"
-    summary = export_model(bundle_path, str(out), half=True, check_data=str(fer_root / "val"))
-    assert summary["images"] == 3589 and summary["agreement"] >= 0.999
-    assert summary["changed"] == round((1 - summary["agreement"]) * 3589)
-    assert abs(summary["accuracy"] - summary["exported_accuracy"]) <= 0.001
+    summary = export_model(wide, str(out), half=True, check_data=str(fer_root / "val"))
+    assert summary["images"] == 3589 and summary["agreement"] == 1.0 and summary["changed"] == 0
+    assert summary["accuracy"] == summary["exported_accuracy"] > 0.5
     bundle, ident = load_bundle(str(out))
-    assert ident == summary["output_model_id"] != summary["model_id"]  # rounded weights are another model
+    assert ident == summary["output_model_id"] == packaged_id != summary["model_id"]
     assert all(v.dtype == torch.float16 for v in bundle.state_dict.values() if v.is_floating_point())
-    assert summary["bytes"] == out.stat().st_size < 0.55 * Path(bundle_path).stat().st_size
+    assert summary["bytes"] == out.stat().st_size < 0.55 * Path(wide).stat().st_size
 
 
 def test_an_export_that_changes_labels_writes_nothing(fer_root, bundle_path, tmp_path):
+    # an untrained network (random head on calibrated features) has near-ties everywhere: rounding
+    # its weights to float16 changes about one label in ten, and the export is refused
     out = tmp_path / "model.pt"
     with pytest.raises(UserError, match=r"change \d+ of 3589 labels .* export without --half"):
-        export_model(bundle_path, str(out), half=True, check_data=str(fer_root / "val"), min_agreement=1.01)
+        export_model(bundle_path, str(out), half=True, check_data=str(fer_root / "val"))
     assert not out.exists()
 
 
