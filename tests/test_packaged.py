@@ -13,8 +13,8 @@ from ray_fer.config import InferConfig
 from ray_fer.model import DEFAULT_MODEL, load_bundle
 from ray_fer.runs import resolve_model
 
-# Measured: 0.xxx on FER2013 val without TTA (docs/training.md); a broken build falls far below.
-VAL_ACCURACY_FLOOR = 0.60
+# Measured: 0.621 on FER2013 val without TTA (docs/training.md); a broken build falls far below.
+VAL_ACCURACY_FLOOR = 0.58
 
 
 def test_the_default_model_is_packaged_compact_and_loads_weights_only():
