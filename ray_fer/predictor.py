@@ -298,9 +298,7 @@ def plan_predictors(
     need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
 
     With `faces` (photos: the detector runs in the actors) a batch is 64 files on CPU and 256 on
-    GPU (a few hundred MB of decoded photos); on CPUs, where the detector costs ~5x the decode
-    per photo, a small machine runs one single-threaded actor per CPU and decodes on half a CPU
-    (MTCNN's many small operations scale poorly over threads, processes do not).
+    GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
 
     On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
     the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than
@@ -326,21 +324,15 @@ def plan_predictors(
                              num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
                              memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
-    if faces:
-        decode_cpus = 0.5 if cpus <= 4 else 1.0
-        usable = cpus - decode_cpus
-        threads = 1 if cpus <= 4 else 2
-        n = actors or max(1, round(usable / threads))
-        return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=usable / n, num_gpus=0,
-                             threads=threads, batch_size=batch_size or 64, tasks_in_flight=2,
-                             memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: the model costs ~10x the decode per image, so actors get the CPUs less one for decoding;
     # on small machines the reservation is a scheduling share while the torch threads use every core.
     usable = cpus - decode_cpus
     n = actors or max(1, int(usable // 2) if usable >= 4 else 1)
     threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
+    # with faces the same shape (a pool of one actor per node would leave no node room for decode
+    # tasks on a cluster of 1-CPU nodes), smaller batches: decoded photos are larger than faces
     return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
-                         threads=threads, batch_size=batch_size or 128, tasks_in_flight=2,
+                         threads=threads, batch_size=batch_size or (64 if faces else 128), tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
 
