@@ -14,6 +14,7 @@ from ray_fer.export import export_model
 from ray_fer.model import load_bundle
 
 
+@pytest.mark.slow  # scans all of FER2013 val twice
 def test_half_export_is_checked_on_every_val_image_and_halves_the_file(fer_root, tmp_path):
     # the packaged model, widened to float32, is a trained model whose float16 copy is known: the
     # packaged file itself (same id), with the same labels on every val image
@@ -34,6 +35,7 @@ def test_half_export_is_checked_on_every_val_image_and_halves_the_file(fer_root,
     assert summary["bytes"] == out.stat().st_size < 0.55 * Path(wide).stat().st_size
 
 
+@pytest.mark.slow  # scans all of FER2013 val twice
 def test_an_export_that_changes_labels_writes_nothing(fer_root, bundle_path, tmp_path):
     # an untrained network (random head on calibrated features) has near-ties everywhere: rounding
     # its weights to float16 changes about one label in ten, and the export is refused
