@@ -4,7 +4,11 @@ Prints, each a median of repeated timings after warm-up:
 1. training images/s through `ray-fer train` (1 worker), the model-only bound (the same model,
    batch, precision and optimizer in a bare loop on random tensors already on the device), ratio;
 2. labelling images/s end to end (files -> Parquet), the model-only inference bound, ratio;
-3. GPU memory peak and utilisation (sampled with nvidia-smi) where there is a GPU.
+3. GPU memory peak and utilisation (sampled with nvidia-smi) where there is a GPU;
+4. face labelling photos/s end to end (`--faces detect`, files -> Parquet) on 1280x960 JPEGs with
+   1-4 FER2013 faces pasted in (bench/synthetic_faces.py), and the detector alone on the device
+   (batches of 64 detection copies already decoded) as its bound. It needs FER2013 crops to
+   paste (--face-crops, default ../shared/data/fer2013/val); without them this part is skipped.
 
 It makes its own data: synthetic 48x48 grayscale JPEGs in the FER2013 layout (no data set needs to
 travel). On a machine without a GPU it runs the same code paths on the CPU with smaller sizes
@@ -30,14 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ray_fer.labels import CLASSES
 
 # Per mode: image size, per-worker train batch, synthetic train / label image counts, epochs.
 SIZES = {
-    "gpu": dict(image_size=224, batch_size=256, train_images=24_000, label_images=160_000, epochs=3),
-    "cpu": dict(image_size=64, batch_size=32, train_images=1_400, label_images=3_000, epochs=3),
+    "gpu": dict(image_size=224, batch_size=256, train_images=24_000, label_images=160_000, epochs=3,
+                face_photos=6_000),
+    "cpu": dict(image_size=64, batch_size=32, train_images=1_400, label_images=3_000, epochs=3, face_photos=60),
 }
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +230,63 @@ def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
         f"label_{k}": v for k, v in gpu.summary().items()}
 
 
+def _write_photos(args: tuple[str, int, int, int, str]) -> None:
+    from synthetic_faces import make_photo
+
+    folder, start, count, seed, crops_dir = args
+    files = sorted(Path(crops_dir).glob("*/*.jpg"))[::7]
+    crops = [np.asarray(Image.open(f).convert("L")) for f in files]
+    rng = np.random.default_rng(seed)
+    for i in range(start, start + count):
+        img, _ = make_photo(rng, crops, faces=int(rng.integers(1, 5)), max_angle=10.0)
+        img.save(f"{folder}/{i:06d}.jpg", quality=90)
+
+
+def make_photo_folder(folder: Path, n: int, crops_dir: Path, workers: int) -> Path:
+    """n 1280x960 JPEGs with 1-4 FER2013 faces of 80-300 px each (bench/synthetic_faces.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder), start, min(500, n - start), 7919 * start, str(crops_dir)) for start in range(0, n, 500)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_write_photos, jobs))
+    return folder
+
+
+def detector_only(folder: Path, device: torch.device, batch: int = 64, seconds: float = 10.0) -> float:
+    """Photos/s of the detector alone on `device`: batches of decoded 640-px copies, padded as the
+    predictor pads them, over and over for `seconds`; the bound for face labelling."""
+    from ray_fer.decode import decode_photo
+    from ray_fer.faces import FaceDetector
+
+    files = sorted(folder.glob("*.jpg"))[:batch]
+    copies = [decode_photo(f.read_bytes(), detect_size=640, size=48).detect for f in files]
+    detector = FaceDetector(device)
+    detector.detect(copies)  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        detector.detect(copies)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        n += len(copies)
+    return n / (time.perf_counter() - start)
+
+
+def bench_faces(folder: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
+    from ray_fer.config import InferConfig, load_config
+    from ray_fer.infer import label_images
+
+    rates = []
+    with GpuSampler() as gpu:
+        for i in range(repeats):
+            cfg = load_config(InferConfig, None, {"model": model, "input": str(folder), "faces": "detect",
+                                                  "output": str(out_dir / f"r{i}")})
+            summary = label_images(cfg)
+            assert summary["errors"] == 0, summary
+            rates.append(summary["images_per_s"])
+    return {"faces_photos_s_runs": rates, "faces_photos_s": statistics.median(rates),
+            "faces_found": summary["faces"], "faces_no_face": summary["no_face"]} | {
+        f"faces_{k}": v for k, v in gpu.summary().items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
@@ -230,7 +294,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also measure train.compile=true")
     ap.add_argument("--label-repeats", type=int, default=3)
     ap.add_argument("--out", help="write the results as JSON here too")
-    for key in ("image_size", "batch_size", "train_images", "label_images", "epochs"):
+    ap.add_argument("--face-crops", default=str(REPO.parent / "shared" / "data" / "fer2013" / "val"),
+                    help="FER2013 class folders whose faces are pasted into the face-labelling photos")
+    for key in ("image_size", "batch_size", "train_images", "label_images", "epochs", "face_photos"):
         ap.add_argument("--" + key.replace("_", "-"), type=int)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -278,6 +344,18 @@ def main() -> None:
         results |= bench_label(work / "label", str(work / "runs" / "bench" / "model.pt"), work / "labels",
                                repeats=args.label_repeats)
         results["label_ratio"] = results["label_img_s"] / results["label_model_only_img_s"]
+        print(json.dumps({k: v for k, v in results.items() if k.startswith("label")}), flush=True)
+        crops = Path(args.face_crops)
+        if sizes["face_photos"] and any(crops.glob("*/*.jpg")):
+            t0 = time.perf_counter()
+            photos = make_photo_folder(work / "photos", sizes["face_photos"], crops, cpus)
+            print(f"{sizes['face_photos']} photos written in {time.perf_counter() - t0:.1f} s", flush=True)
+            results["faces_detector_only_photos_s"] = detector_only(photos, device)
+            results |= bench_faces(photos, str(work / "runs" / "bench" / "model.pt"), work / "face-labels",
+                                   repeats=2)
+            results["faces_ratio"] = results["faces_photos_s"] / results["faces_detector_only_photos_s"]
+        else:
+            print(f"4. face labelling skipped: no FER2013 class folders at {crops} (--face-crops)", flush=True)
         ray.shutdown()
 
     print()
@@ -290,6 +368,10 @@ def main() -> None:
         print(f"3. GPU        train: peak {results['train_gpu_mem_peak_gib']} GiB, median util "
               f"{results['train_gpu_util_median_pct']}%   label: peak {results['label_gpu_mem_peak_gib']} GiB, "
               f"median util {results['label_gpu_util_median_pct']}%")
+    if "faces_photos_s" in results:
+        print(f"4. faces      ray-fer {results['faces_photos_s']:9.0f} photos/s detector-only "
+              f"{results['faces_detector_only_photos_s']:9.0f} photos/s ratio {results['faces_ratio']:.2f}   "
+              f"(GPU target >= 500 photos/s; {results['faces_found']:,} faces)")
     print(json.dumps(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -13,6 +13,11 @@ from ray_fer import console
 from ray_fer.config import UserError
 
 
+FACES_HELP = ("auto (the default): images up to 128 px, such as FER2013's 48x48 crops, are labelled whole and "
+              "the others are searched for faces; detect: find, align and label every face (one row per face); "
+              "whole: label each whole image (stores of face crops)")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune EfficientNet-B0 with Ray Train")
     p.add_argument("--config", help="YAML config (e.g. jobs/train.yaml); defaults apply where omitted")
@@ -39,6 +44,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     p.add_argument("--skip-existing", action="store_true", default=None,
                    help="label only the images not yet in the output (finishes a crashed job)")
+    p.add_argument("--faces", help=FACES_HELP)
     p.add_argument("--config", help="YAML config with the same keys; flags and --set override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set batch_size=128 or --set precision=fp32 (repeatable)")
@@ -50,7 +56,7 @@ def _infer(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.infer import label_images
 
     flags = {"model": args.model, "input": args.input, "output": args.output,
-             "overwrite": args.overwrite, "skip_existing": args.skip_existing}
+             "overwrite": args.overwrite, "skip_existing": args.skip_existing, "faces": args.faces}
     overrides = parse_overrides(args.overrides) | {k: v for k, v in flags.items() if v is not None}
     return label_images(load_config(InferConfig, args.config, overrides))
 
@@ -67,6 +73,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", help="auto (as labelling: bf16 where the hardware has it), "
                    "bf16 or fp32 (default: auto)")
     p.add_argument("--limit-per-class", type=int, metavar="N", help="evaluate at most N images per class")
+    p.add_argument("--faces", default="auto", help=FACES_HELP + "; where faces are detected, an image's "
+                   "prediction is its largest face's")
     p.set_defaults(func=_evaluate)
 
 
@@ -74,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.evaluate import evaluate_folder
 
     return evaluate_folder(args.model, args.data, output=args.output, tta=args.tta, precision=args.precision,
-                           limit_per_class=args.limit_per_class)
+                           limit_per_class=args.limit_per_class, faces=args.faces)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -96,13 +104,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: 3)")
+    p.add_argument("--faces", default="auto", help=FACES_HELP)
+    p.add_argument("--annotate", metavar="DIR", help="write each image with its faces' boxes and labels drawn "
+                   "into DIR (local or s3://)")
     p.set_defaults(func=_predict)
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.predict import format_predictions, predict_files
 
-    result = predict_files(args.model, args.images, tta=args.tta, top=args.top)
+    result = predict_files(args.model, args.images, tta=args.tta, top=args.top, faces=args.faces,
+                           annotate=args.annotate)
     print(format_predictions(result), flush=True)
     return result
 

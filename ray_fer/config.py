@@ -148,6 +148,10 @@ class InferConfig:
     decode_batch_size: int = 2048  # most images per read-and-decode task
     actors: int | None = None  # predictor actors; default: one per GPU, else sized from the cluster's CPUs
     compile: bool = False  # torch.compile each predictor's model: 1.15-1.4x on CPU after a ~1 min compile
+    # detect: find, align and label every face (one row per face); whole: label each whole image
+    # (stores of face crops); auto: images up to 128 px are face crops, the others are searched
+    faces: Literal["auto", "detect", "whole"] = "auto"
+    face_detect_size: int = 640  # long side the face detector searches at; raise for small faces (cost ~ its square)
 
     def check(self) -> None:
         if not self.model:
@@ -164,6 +168,7 @@ class InferConfig:
         _at_least("decode_batch_size", self.decode_batch_size, 1)
         if self.actors is not None:
             _at_least("actors", self.actors, 1)
+        _at_least("face_detect_size", self.face_detect_size, 64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ray_fer import storage
 from ray_fer.config import UserError
-from ray_fer.decode import IMAGE_EXTENSIONS, ImageError, decode_image
+from ray_fer.decode import IMAGE_EXTENSIONS, ImageError, decode_image, decode_photo
 from ray_fer.labels import CLASSES, class_index
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not be read (not a content error)
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
+MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: photos take ~20 ms each
+PHOTO_BLOCK_BYTES = 32 * 1024**2  # decoded photos per output block of a decode task: ~16 1280x960 photos
+AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
+PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")
 
 
 class DataError(UserError):
@@ -112,27 +116,86 @@ def decode_batch(batch: dict[str, Any], *, decode_size: int) -> dict[str, Any]:
                           "error": np.array(errors, dtype=object)}
 
 
+def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, faces: str):
+    """Ray Data batch function for face detection: read and decode each `path` once
+    (`decode.decode_photo`), yielding a block whenever PHOTO_BLOCK_BYTES of decoded photos have
+    gathered, so that a task holds a few photos at a time whatever its size (a store of face
+    crops under --faces auto still makes one block per task).
+
+    Every row stays. Adds what `decode_batch` adds (`image` holds the whole image where it is a
+    face crop: --faces auto and a small image; zeros elsewhere) and the photo's two copies as raw
+    bytes with their sizes: `detect` (RGB), `gray` (PHOTO_COLUMNS; empty for crops and errors).
+    """
+    whole_max_side = AUTO_WHOLE_SIDE if faces == "auto" else 0
+    paths = [str(p) for p in batch["path"]]
+    sizes = ("width", "height", "detect_height", "detect_width", "gray_height", "gray_width")
+    rows: list[dict[str, Any]] = []
+    held = start = 0  # bytes of decoded photos gathered; the first row not yet yielded
+
+    def block() -> dict[str, Any]:
+        out: dict[str, Any] = {name: np.array([r.get(name, 0) for r in rows], dtype=np.int32) for name in sizes}
+        out["image"] = np.zeros((len(rows), decode_size, decode_size), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            if "face" in r:
+                out["image"][i] = r["face"]
+        for name, missing in (("detect", b""), ("gray", b""), ("error", None)):
+            out[name] = np.empty(len(rows), dtype=object)
+            out[name][:] = [r.get(name, missing) for r in rows]
+        return {k: np.asarray(v)[start:start + len(rows)] for k, v in batch.items()} | out
+
+    for blob in storage.read_each(paths):  # streamed: a few files in memory at a time
+        row: dict[str, Any] = {}
+        if isinstance(blob, FileNotFoundError):
+            row["error"] = READ_ERROR_PREFIX + "not found"
+        else:
+            try:
+                photo = decode_photo(blob, detect_size=detect_size, size=decode_size, whole_max_side=whole_max_side)
+            except ImageError as e:
+                row["error"] = str(e)
+            else:
+                row |= {"width": photo.width, "height": photo.height}
+                if photo.face is not None:
+                    row["face"] = photo.face
+                else:
+                    row |= {"detect": photo.detect.tobytes(), "gray": photo.gray.tobytes(),
+                            "detect_height": photo.detect.shape[0], "detect_width": photo.detect.shape[1],
+                            "gray_height": photo.gray.shape[0], "gray_width": photo.gray.shape[1]}
+                    held += photo.detect.nbytes + photo.gray.nbytes
+        rows.append(row)
+        if held >= PHOTO_BLOCK_BYTES:
+            yield block()
+            start, held, rows = start + len(rows), 0, []
+    if rows:
+        yield block()
+
+
 def decoded_dataset(table: pa.Table, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
-                    num_cpus: float = 1.0):
+                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640):
     """The lazy read-and-decode stage over a table with a `path` column, adding `image` (uint8),
     `width`, `height` and `error` (see `decode_batch`); one row per input row, other columns kept.
+    With `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
 
     The table is split evenly into CPU tasks of at most `decode_batch_size` files, and into at
-    least one task per cluster CPU while each still gets MIN_DECODE_BATCH files, so a store of
-    big photos keeps every CPU busy.
+    least one task per cluster CPU while each still gets MIN_DECODE_BATCH files (with faces,
+    MIN_PHOTO_DECODE_BATCH), so a store of big photos keeps every CPU busy.
     """
     import ray
     import ray.data
 
+    photos = faces != "whole"
+    fewest = MIN_PHOTO_DECODE_BATCH if photos else MIN_DECODE_BATCH
     n = table.num_rows
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    tasks = max(-(-n // decode_batch_size), min(cpus, n // MIN_DECODE_BATCH), 1)
+    tasks = max(-(-n // decode_batch_size), min(cpus, n // fewest), 1)
     bounds = [i * n // tasks for i in range(tasks + 1)]
     # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
     slices = [table.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+    if photos:
+        fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces}
+    else:
+        fn, kwargs = decode_batch, {"decode_size": decode_size}
     return ray.data.from_arrow(slices).map_batches(
-        decode_batch, fn_kwargs={"decode_size": decode_size},
-        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
+        fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
     )
 
 

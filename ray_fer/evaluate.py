@@ -18,10 +18,12 @@ import pyarrow as pa
 from ray_fer import cluster, console, storage
 from ray_fer.config import UserError
 from ray_fer.data import DataError, find_split, list_image_folder
+from ray_fer.faces import check_detector, check_faces
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import classification_metrics
 from ray_fer.model import PACKAGED_MODELS, load_bundle
+from ray_fer.output import FACE_COLUMNS, files_in
 from ray_fer.predictor import prediction_dataset
 from ray_fer.report import write_evaluation
 from ray_fer.runs import resolve_model
@@ -39,6 +41,7 @@ def evaluate_folder(
     tta: str = "none",
     precision: str = "auto",
     limit_per_class: int | None = None,
+    faces: str = "auto",
 ) -> dict[str, Any]:
     """Run a model bundle over a labelled image folder (local or s3://) and write the evaluation.
 
@@ -47,8 +50,16 @@ def evaluate_folder(
     confusion_matrix.png, report.md and predictions.parquet (one row per image, for error
     analysis) into `output` (default <model folder>/eval/<data folder>-<tta>); returns the summary.
     Unreadable images are counted in num_errors and left out of the metrics.
+
+    `faces` as `ray-fer infer` (auto: images up to 128 px, such as FER2013's, are face crops; the
+    others are searched for faces). Where faces are detected, an image's prediction is its
+    largest face's; images without a face are counted in num_no_face and left out of the
+    metrics, and predictions.parquet holds one row per face.
     """
     check_tta(tta)
+    check_faces(faces)
+    if faces != "whole":
+        check_detector()
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
     model_uri = resolve_model(model)
@@ -66,32 +77,38 @@ def evaluate_folder(
     t0 = time.perf_counter()
     # the predictor adds its own `label` column (the prediction): the truth travels as true_label
     ds = prediction_dataset(table.rename_columns(["path", "true_label"]), bundle, model_id=model_id,
-                            tta=tta, precision=precision)
-    keep = ["path", "true_label", "label", "confidence", *[f"prob_{c}" for c in CLASSES], "error"]
+                            tta=tta, precision=precision, faces=faces)
+    face_columns = list(FACE_COLUMNS) if faces != "whole" else []
+    keep = ["path", "true_label", *face_columns, "label", "confidence", *[f"prob_{c}" for c in CLASSES], "error"]
     parts = []
     progress = console.Progress(table.num_rows)
     with storage.stop_on_read_errors("Nothing was written: run the evaluation again once the store answers"):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             parts.append(batch.select(keep))
-            progress.update(progress.done + batch.num_rows)
+            progress.update(progress.done + files_in(batch))  # with faces, rows are faces
     progress.close()
     seconds = time.perf_counter() - t0
     predictions = pa.concat_tables(parts) if parts else pa.table({k: [] for k in keep})
-    if predictions.num_rows != table.num_rows:  # the chain keeps one row per file; anything else is a bug
-        raise RuntimeError(f"expected {table.num_rows} predictions, got {predictions.num_rows}")
+    per_file = _largest_faces(predictions) if face_columns else predictions
+    if per_file.num_rows != table.num_rows:  # the chain keeps each file; anything else is a bug
+        raise RuntimeError(f"expected {table.num_rows} predictions, got {per_file.num_rows}")
 
-    errors = predictions["error"].to_pylist()
-    failed = [(p, e) for p, e in zip(predictions["path"].to_pylist(), errors) if e is not None]
+    errors = per_file["error"].to_pylist()
+    failed = [(p, e) for p, e in zip(per_file["path"].to_pylist(), errors) if e is not None]
     for path, err in failed[:5]:
         log.warning("could not evaluate %s: %s", path, err)
     if len(failed) > 5:
         log.warning("... and %d more unreadable files (see predictions.parquet)", len(failed) - 5)
-    ok = [e is None for e in errors]
-    y_true = [t for t, good in zip(predictions["true_label"].to_pylist(), ok) if good]
-    y_pred = [CLASSES.index(p) for p, good in zip(predictions["label"].to_pylist(), ok) if good]
+    labels = per_file["label"].to_pylist()
+    ok = [e is None and label is not None for e, label in zip(errors, labels)]
+    no_face = sum(e is None and label is None for e, label in zip(errors, labels))
+    if no_face:
+        log.warning("no face was found in %d of %d images; they are left out of the metrics", no_face, table.num_rows)
+    y_true = [t for t, good in zip(per_file["true_label"].to_pylist(), ok) if good]
+    y_pred = [CLASSES.index(p) for p, good in zip(labels, ok) if good]
     if not y_true:
-        raise UserError(f"none of the {table.num_rows} images in {data!r} could be read; "
-                        f"first error: {failed[0][1]}")
+        reason = f"first error: {failed[0][1]}" if failed else "no face was found in any (try --faces whole)"
+        raise UserError(f"none of the {table.num_rows} images in {data!r} could be labelled; {reason}")
 
     metrics = {
         "model": {"uri": model_uri, "id": model_id, "image_size": bundle.image_size,
@@ -100,6 +117,7 @@ def evaluate_folder(
         "tta": tta,
         "precision": precision,
         "num_errors": len(failed),
+        **({"faces": faces, "num_no_face": no_face} if face_columns else {}),
         **classification_metrics(y_true, y_pred),
         "seconds": round(seconds, 2),
         "images_per_s": round(table.num_rows / seconds, 1),
@@ -111,7 +129,8 @@ def evaluate_folder(
              100 * metrics["accuracy"], metrics["macro_f1"], metrics["num_images"], tta, paths["report"])
     return {
         "accuracy": round(metrics["accuracy"], 6), "macro_f1": round(metrics["macro_f1"], 6),
-        "images": metrics["num_images"], "errors": len(failed), "tta": tta, "model": model_id,
+        "images": metrics["num_images"], "errors": len(failed), **({"no_face": no_face} if face_columns else {}),
+        "tta": tta, "model": model_id,
         "seconds": metrics["seconds"], "images_per_s": metrics["images_per_s"], "output": output, **paths,
     }
 
@@ -139,6 +158,21 @@ def _list_labelled(data: str, limit_per_class: int | None):
         except DataError:
             raise e from None
         raise DataError(f"{e}. {data!r} looks like a data root: pass one split, e.g. --data {split}") from None
+
+
+def _largest_faces(predictions: pa.Table) -> pa.Table:
+    """One row per file: its largest face (by box area), or its one row without a face."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    area = pc.fill_null(pc.multiply(predictions["box_w"], predictions["box_h"]), -1.0)
+    order = pc.sort_indices(predictions.append_column("_area", area),
+                            sort_keys=[("path", "ascending"), ("_area", "descending")])
+    ordered = predictions.take(order)
+    paths = ordered["path"].to_numpy(zero_copy_only=False)
+    first = np.ones(len(paths), dtype=bool)
+    first[1:] = paths[1:] != paths[:-1]
+    return ordered.filter(pa.array(first))
 
 
 def _write_parquet(uri: str, table) -> None:

@@ -2,7 +2,8 @@
 
 An output (a folder or s3:// prefix) holds:
 
-    *.parquet           the rows, one per input file, one schema
+    *.parquet           the rows, one per input file (with faces, one per face and one for a file
+                        without a face), one schema
     _SUCCESS            JSON summary; present only beside a complete set of *.parquet files
     _LEASE              JSON: the run that holds the output (run id, host, pid, started, heartbeat)
     _staging-<run id>/  a run's files before its commit: new/*.parquet (this run's rows),
@@ -23,7 +24,8 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     and repeated paths, whose files are rewritten into `kept/`.
  4. labels into `_staging-<run id>/new/`. The top level is untouched, so the previous output and
     its `_SUCCESS` stay readable throughout.
- 5. checks: the staged rows hold each path to label exactly once, and nothing else.
+ 5. checks: the staged rows hold each path to label exactly once (with faces: exactly one first
+    row, `face` 0 or null, per path), and nothing else.
  6. renews the lease: a run that lost it to another commits nothing.
  7. writes `_staging-<run id>/_COMMIT`, one atomic write naming the files to delete, the files
     to move and the new `_SUCCESS`: the commit point.
@@ -63,21 +65,38 @@ class OutputError(UserError):
     """An output that cannot be written as asked; the message names the path and the fix."""
 
 
-def output_schema(classes: tuple[str, ...]) -> pa.Schema:
-    """The Parquet schema of a labelled output, identical in every file."""
+# The detector's five points (faces.py), left and right as seen in the image, not the person's.
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+# What a face adds to a row (--faces detect / auto): its index in the photo, its box and score,
+# and the five landmarks, in pixels of the upright source image.
+FACE_COLUMNS = ("face", "box_x", "box_y", "box_w", "box_h", "face_score",
+                *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy"))
+
+
+def output_schema(classes: tuple[str, ...], *, faces: bool = False) -> pa.Schema:
+    """The Parquet schema of a labelled output, identical in every file; with `faces`, one row per
+    face, with FACE_COLUMNS after `path`."""
+    face_fields = [("face", pa.int32())] + [(name, pa.float32()) for name in FACE_COLUMNS[1:]] if faces else []
     return pa.schema(
-        [("path", pa.string()), ("label", pa.string()), ("confidence", pa.float32())]
+        [("path", pa.string())] + face_fields + [("label", pa.string()), ("confidence", pa.float32())]
         + [(f"prob_{name}", pa.float32()) for name in classes]
         + [("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("model", pa.string())]
     )
 
 
+def files_in(table: pa.Table) -> int:
+    """How many files the rows describe: one row each, or with faces one row whose `face` is 0 or null."""
+    if "face" not in table.column_names:
+        return table.num_rows
+    return int(pc.sum(pc.fill_null(pc.equal(table["face"], 0), True)).as_py() or 0)
+
+
 def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.Table:
     """Predictor output -> the output schema: columns in order, no size for undecoded files.
 
-    `counter` (a `console.RayCounter` actor) is told the rows done, for the progress display."""
+    `counter` (a `console.RayCounter` actor) is told the files done, for the progress display."""
     if counter is not None:
-        counter.add.remote(table.num_rows)
+        counter.add.remote(files_in(table))
     failed = pc.is_valid(table["error"])
     columns = []
     for field in schema:
@@ -101,8 +120,9 @@ class OutputRun:
     output stays as it was; the lease is released either way.
     """
 
-    def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str) -> None:
+    def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str, faces: bool = False) -> None:
         self.dst = dst
+        self.faces = faces  # one row per face (FACE_COLUMNS) rather than one per file
         self.overwrite = overwrite
         self.skip_existing = skip_existing
         self.model_id = model_id
@@ -184,8 +204,9 @@ class OutputRun:
         paths = pa.concat_arrays([t["path"].combine_chunks() for _, t in parts])
         errors = pa.concat_arrays([t["error"].combine_chunks() if "error" in t.column_names
                                    else pa.nulls(t.num_rows, pa.string()) for _, t in parts])
-        keep = _rows_to_keep(paths, errors)
-        self.done = paths.filter(pa.array(keep))
+        faces = pa.concat_arrays([t["face"].combine_chunks() for _, t in parts]) if self.faces else None
+        keep = _rows_to_keep(paths, errors, faces)
+        self.done = pc.unique(paths.filter(pa.array(keep)))
         start = 0
         for uri, table in parts:
             mask = keep[start:start + table.num_rows]
@@ -214,7 +235,11 @@ class OutputRun:
             if "path" not in names or "model" not in names:
                 raise OutputError(f"{uri!r} is not a ray-fer output file (no path and model columns); "
                                   "--skip-existing resumes a labelled output: pick another --output")
-            columns = ["path", "model"] + (["error"] if "error" in names else [])
+            if ("face" in names) != self.faces:
+                was, now = ("detect/auto", "whole") if "face" in names else ("whole", "detect/auto")
+                raise OutputError(f"output {self.dst!r} was labelled with --faces {was} (e.g. {uri!r}), not {now}; "
+                                  "pass the same --faces to resume, or --overwrite to relabel everything")
+            columns = ["path", "model"] + (["error"] if "error" in names else []) + (["face"] if self.faces else [])
             parts.append((uri, pq.read_table(path, columns=columns, filesystem=fs)))
         return parts
 
@@ -238,21 +263,23 @@ class OutputRun:
 
     def check(self, todo: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
         """Check the staged rows against the paths this run labelled; returns the output's counts
-        after the commit (images, labelled, errors, files). OutputError when they do not match."""
+        after the commit (images, labelled, errors, files; with faces also faces and no_face).
+        OutputError when they do not match."""
         new = _parquet_files(self.new_dir)
-        paths = _read_paths(new)
+        paths, firsts = _read_paths(new, faces=self.faces)  # firsts: each file's first (or only) row
         distinct = pc.count_distinct(paths).as_py() if len(paths) else 0
-        known = int(pc.sum(pc.is_in(paths, value_set=todo)).as_py() or 0)  # None when there are no rows
-        if not len(paths) == distinct == known == len(todo):
+        known = int(pc.sum(pc.is_in(firsts, value_set=todo)).as_py() or 0)  # None when there are no rows
+        if not len(firsts) == distinct == known == len(todo):
+            expected = "rows for" if self.faces else "one row for"
             raise OutputError(f"run {self.run_id} wrote {len(paths)} rows for {distinct} distinct paths ({known} of "
-                              f"them asked for), expected one row for each of the {len(todo)} images to label; "
+                              f"them asked for), expected {expected} each of the {len(todo)} images to label; "
                               f"nothing was committed, {self.dst!r} is as it was: run again")
-        old = _count_files(self._keep + self._kept + self._adopted)
+        old = _count_files(self._keep + self._kept + self._adopted, faces=self.faces)
         if old["images"] != len(self.done):
             raise OutputError(f"output {self.dst!r} changed during run {self.run_id} ({old['images']} old rows kept, "
                               f"expected {len(self.done)}); nothing was committed: make sure only one job labels "
                               "into it, then run again with --skip-existing")
-        counts = _count_files(self._keep + self._kept + self._adopted + new)
+        counts = _count_files(self._keep + self._kept + self._adopted + new, faces=self.faces)
         self._files = sorted([storage.basename(f) for f in self._keep] + [name for _, name in self._moves(new)])
         return counts | {"files": self._files}
 
@@ -398,14 +425,17 @@ def _success_run_id(dst: str) -> str | None:
         return None
 
 
-def _rows_to_keep(paths: pa.Array, errors: pa.Array) -> np.ndarray:
-    """Which old rows stay under --skip-existing: not read errors, and the first row of each path.
+def _rows_to_keep(paths: pa.Array, errors: pa.Array, faces: pa.Array | None = None) -> np.ndarray:
+    """Which old rows stay under --skip-existing: not read errors, and the first row of each path
+    (with `faces`, of each path and face).
 
     A read error ("cannot read file: ...") says nothing about the image, so it is labelled again;
     content errors (empty file, not an image) stay. Repeated paths come from older versions,
     which let two runs write one output."""
     read_error = pc.fill_null(pc.starts_with(errors, READ_ERROR_PREFIX), False).to_numpy(zero_copy_only=False)
     candidates = np.flatnonzero(~read_error)
+    if faces is not None:
+        paths = pc.binary_join_element_wise(paths, pc.cast(pc.fill_null(faces, -1), pa.string()), "\x00")
     among = paths.take(pa.array(candidates))
     first = pc.index_in(pc.unique(among), value_set=among).to_numpy()
     keep = np.zeros(len(paths), dtype=bool)
@@ -418,18 +448,38 @@ def _rows_to_keep(paths: pa.Array, errors: pa.Array) -> np.ndarray:
     return keep
 
 
-def _read_paths(files: list[str]) -> pa.Array:
+def _read_paths(files: list[str], *, faces: bool = False) -> tuple[pa.Array, pa.Array]:
+    """The `path` of every row, and of each file's first row: every row, or with `faces` the rows
+    whose `face` is 0 or null."""
     import pyarrow.parquet as pq
 
-    chunks = [pq.read_table(p, columns=["path"], filesystem=fs)["path"]
+    tables = [pq.read_table(p, columns=["path", "face"] if faces else ["path"], filesystem=fs)
               for fs, p in map(storage.filesystem, files)]
-    return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
+    if not tables:
+        return pa.array([], pa.string()), pa.array([], pa.string())
+    table = pa.concat_tables(tables)
+    paths = table["path"].combine_chunks().cast(pa.string())
+    if not faces:
+        return paths, paths
+    first = pc.fill_null(pc.equal(table["face"].combine_chunks(), 0), True)
+    return paths, paths.filter(first)
 
 
-def _count_files(files: list[str]) -> dict[str, int]:
-    """Rows and errors in Parquet files, read from their footers where they have statistics."""
+def _count_files(files: list[str], *, faces: bool = False) -> dict[str, int]:
+    """Files (images), labelled and errors in Parquet files, read from their footers where they
+    have statistics; with `faces` from the `face` and `error` columns, plus `faces` (rows with a
+    face) and `no_face` (files read fine in which no face was found)."""
     import pyarrow.parquet as pq
 
+    if faces:
+        parts = [pq.read_table(p, columns=["face", "error"], filesystem=fs) for fs, p in map(storage.filesystem, files)]
+        table = pa.concat_tables(parts) if parts else pa.table({"face": pa.array([], pa.int32()),
+                                                                "error": pa.array([], pa.string())})
+        images, found = files_in(table), table["face"].drop_null().length()
+        errors = table["error"].drop_null().length()
+        no_face = table.num_rows - found - errors
+        return {"images": images, "labelled": images - errors - no_face, "errors": errors, "faces": found,
+                "no_face": no_face}
     rows = errors = 0
     for uri in files:
         fs, path = storage.filesystem(uri)

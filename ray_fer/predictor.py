@@ -23,6 +23,7 @@ import torch
 from ray_fer import cluster
 from ray_fer.config import UserError
 from ray_fer.data import DECODE_BATCH, decoded_dataset
+from ray_fer.faces import DETECT_SIZE, check_faces
 from ray_fer.images import EvalPreset, tta_views
 from ray_fer.model import ModelBundle, load_bundle
 from ray_fer.precision import autocast_dtype, exact_fp32
@@ -186,6 +187,7 @@ class Predictor:
         self.classes = tuple(model.classes)
         self.prob_columns = tuple(f"prob_{name}" for name in self.classes)
         self.model_id = model_id
+        self.decode_size = model.decode_size
         self.tta = tta
         self.batch_size = batch_size
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -228,7 +230,7 @@ class Predictor:
         pixels = batch["image"]
         n = len(pixels)
         errors = batch["error"] if "error" in batch else np.full(n, None, dtype=object)
-        ok = _no_error(errors)
+        ok = no_error(errors)
         probs = np.zeros((n, len(self.classes)), dtype=np.float32)
         if ok.any():
             probs[ok] = self._predict(pixels[ok])
@@ -240,7 +242,7 @@ class Predictor:
                 continue
             if name in PREDICTION_COLUMNS or name in self.prob_columns or name == "model":
                 raise ValueError(f"input column {name!r} would be overwritten by the prediction; rename it")
-            columns[name] = _arrow_column(values)
+            columns[name] = arrow_column(values)
         columns["label"] = pa.array([None if missing[i] else self.classes[best[i]] for i in range(n)], pa.string())
         columns["confidence"] = pa.array(probs.max(axis=1, initial=0.0), pa.float32(), mask=missing)
         for j, name in enumerate(self.prob_columns):
@@ -250,7 +252,7 @@ class Predictor:
         return pa.table(columns)
 
 
-def _no_error(errors: np.ndarray) -> np.ndarray:
+def no_error(errors: np.ndarray) -> np.ndarray:
     """True where `error` is unset: None, or NaN where Ray turned an all-null column into floats."""
     errors = np.asarray(errors)
     if errors.dtype.kind == "f":
@@ -258,7 +260,7 @@ def _no_error(errors: np.ndarray) -> np.ndarray:
     return np.array([e is None or (isinstance(e, (float, np.floating)) and np.isnan(e)) for e in errors], dtype=bool)
 
 
-def _arrow_column(values: np.ndarray) -> pa.Array:
+def arrow_column(values: np.ndarray) -> pa.Array:
     arr = np.asarray(values)
     if arr.ndim > 1:  # a tensor column: Ray's own conversion keeps its shape
         from ray.data.block import BlockAccessor
@@ -290,10 +292,13 @@ class PredictorPlan:
 
 def plan_predictors(
     resources: dict[str, float], *, device: str = "auto", actors: int | None = None, batch_size: int | None = None,
-    autoscaling: bool = False,
+    autoscaling: bool = False, faces: bool = False,
 ) -> PredictorPlan:
     """Size the predictor pool so that it never takes every CPU: the decode tasks that feed it
     need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
+
+    With `faces` (photos: the detector runs in the actors) a batch is 64 files on CPU and 256 on
+    GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
 
     On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
     the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than
@@ -317,15 +322,17 @@ def plan_predictors(
         # one CPU per actor for its host-side work, unless that would leave none for decoding
         return PredictorPlan(device="gpu", actors=n, min_actors=max(1, min(gpus, n)),
                              num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
-                             threads=2, batch_size=batch_size or 512, tasks_in_flight=4,
+                             threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
                              memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: the model costs ~10x the decode per image, so actors get the CPUs less one for decoding;
     # on small machines the reservation is a scheduling share while the torch threads use every core.
     usable = cpus - decode_cpus
     n = actors or max(1, int(usable // 2) if usable >= 4 else 1)
     threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
+    # with faces the same shape (a pool of one actor per node would leave no node room for decode
+    # tasks on a cluster of 1-CPU nodes), smaller batches: decoded photos are larger than faces
     return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
-                         threads=threads, batch_size=batch_size or 128, tasks_in_flight=2,
+                         threads=threads, batch_size=batch_size or (64 if faces else 128), tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
 
 
@@ -341,8 +348,15 @@ def prediction_dataset(
     decode_batch_size: int = DECODE_BATCH,
     actors: int | None = None,
     compile: bool = False,
+    faces: str = "whole",
+    detect_size: int = DETECT_SIZE,
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a table with a `path` column (local or s3://).
+
+    `faces`: "whole" labels each file's whole image (one row per file); "detect" finds, aligns
+    and labels every face (`face_predictor.FacePredictor`: one row per face, one for a file
+    without a face or with an error); "auto" labels an image of at most `data.AUTO_WHOLE_SIDE`
+    pixels whole (a face crop) and detects faces in the others.
 
     Extra columns of `table` (e.g. a true label) are passed through. Stages: read and decode on
     CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
@@ -359,15 +373,19 @@ def prediction_dataset(
     if model_id is None:
         raise ValueError("pass model_id (the bundle's identity from load_bundle) with a ModelBundle")
     private = cluster.connect()
+    check_faces(faces)
+    photos = faces != "whole"
     plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size,
-                           autoscaling=not private)
+                           autoscaling=not private, faces=photos)
     pool = f"{plan.min_actors}-{plan.actors}" if plan.min_actors < plan.actors else str(plan.actors)
     log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(table, decode_size=model.decode_size,
-                         decode_batch_size=decode_batch_size, num_cpus=plan.decode_cpus)
+    ds = decoded_dataset(table, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
+                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size)
+    if photos:
+        from ray_fer.face_predictor import FacePredictor
     return ds.map_batches(
-        Predictor,
+        FacePredictor if photos else Predictor,
         fn_constructor_args=(ray.put(model),),
         fn_constructor_kwargs={"model_id": model_id, "tta": tta, "precision": precision,
                                "device": plan.device, "threads": plan.threads, "compile": compile,

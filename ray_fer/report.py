@@ -284,3 +284,71 @@ def format_comparison(a: dict[str, Any], b: dict[str, Any], cmp: dict[str, Any],
     lines.append(f"| **macro-F1** | | | | | {_fmt(a['macro_f1'])} | {_fmt(b['macro_f1'])} "
                  f"| {d(cmp['macro_f1_delta'])} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Annotated photos (ray-fer predict --annotate)
+
+# One colour per class (CLASSES order), readable on photos; red for "no face" captions.
+LABEL_COLOURS = ((220, 40, 40), (120, 160, 40), (150, 60, 200), (250, 200, 0), (160, 160, 160), (40, 110, 230),
+                 (255, 120, 0))
+
+
+def annotate_photo(image, faces: Sequence[dict[str, Any]]):
+    """`image` (PIL, upright) with each face's box and "<index> <label> <confidence>" drawn on a
+    copy; `faces` are predict rows with `box` (x, y, w, h) and `label`. A photo without a face
+    gets the caption "no face found"; one labelled whole (no box), its label."""
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    side = min(out.size)
+    font = ImageFont.load_default(size=max(12, round(side / 30)))
+    line = max(2, round(side / 250))
+    boxed = [f for f in faces if f.get("box") is not None and f.get("label") is not None]
+    for f in boxed:
+        x, y, w, h = f["box"]
+        colour = LABEL_COLOURS[CLASSES.index(f["label"]) % len(LABEL_COLOURS)] if f["label"] in CLASSES else (0, 200, 0)
+        draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
+        text = f"{f.get('face', 0)} {f['label']} {f.get('confidence', 0):.0%}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        ty = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= 0 else y + h + line
+        draw.rectangle((x, ty, x + right - left + 2 * line, ty + bottom - top + 2 * line), fill=colour)
+        draw.text((x + line - left, ty + line - top), text, fill=(0, 0, 0), font=font)
+    if not boxed:  # --faces whole labels the image itself; else no face was found
+        whole = [f for f in faces if f.get("label") is not None]
+        caption = f"{whole[0]['label']} {whole[0].get('confidence', 0):.0%}" if whole else "no face found"
+        draw.text((line * 3, line * 3), caption, fill=(220, 40, 40), font=font)
+    return out
+
+
+def write_annotated(folder: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Write each readable file of `rows` (predict rows, several per file with faces) with its
+    faces drawn (annotate_photo) into `folder` as <name>.jpg (<name>-2.jpg ... where names
+    repeat); returns the written paths. Files with an error are skipped."""
+    from PIL import Image, ImageOps
+
+    from ray_fer.decode import FORMATS
+
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_path.setdefault(r["path"], []).append(r)
+    written: list[str] = []
+    names: set[str] = set()
+    for path, faces in by_path.items():
+        if any("error" in f for f in faces):
+            continue
+        with Image.open(io.BytesIO(storage.read_bytes(path)), formats=FORMATS) as im:
+            picture = annotate_photo(ImageOps.exif_transpose(im), faces)
+        stem = storage.basename(path).rsplit(".", 1)[0] or "image"
+        name, k = f"{stem}.jpg", 1
+        while name in names:
+            k += 1
+            name = f"{stem}-{k}.jpg"
+        names.add(name)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=90)
+        uri = storage.join(folder, name)
+        storage.write_bytes(uri, buf.getvalue())
+        written.append(uri)
+    return written

@@ -37,6 +37,19 @@ def fer_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def photos_root(fer_root) -> Path:
+    """24 real photos of people beside FER2013 (its README lists their faces); skipped where absent,
+    a failure in CI."""
+    root = fer_root.parent / "photos"
+    if not (root / "README.md").is_file():
+        message = f"the photos for face detection tests are not at {root}"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": CI must have them")
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server (moto) on 127.0.0.1 behind `FaultyS3Proxy`, with the
     standard AWS settings pointing at the proxy; yields the proxy (`.endpoint`, `.fail(...)`).

@@ -96,3 +96,14 @@ def test_cli_user_errors_are_one_line(argv, message, capsys):
     code, out, err = _run_cli(argv, capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_an_images_largest_face_stands_for_it():
+    import pyarrow as pa
+
+    rows = pa.table({"path": ["/a", "/b", "/a", "/c", "/a"], "box_w": [10.0, None, 30.0, 5.0, 20.0],
+                     "box_h": [10.0, None, 30.0, 5.0, 20.0], "label": ["sad", None, "happy", "fear", "angry"]})
+    chosen = ev._largest_faces(rows)
+    assert chosen["path"].to_pylist() == ["/a", "/b", "/c"]
+    assert chosen["label"].to_pylist() == ["happy", None, "fear"]
+

@@ -148,8 +148,9 @@ def test_fer_images_and_odd_files_one_row_each(ray_local, fer_root, random_bundl
     faces = _fer_folder(fer_root, folder, per_class=40)
     good_sizes = _odd_files(folder)
     out = tmp_path / "labels"
+    # whole: every file's own image is labelled (--faces auto would search the big gradient for faces)
     cfg = InferConfig(model=random_bundle, input=str(folder), output=str(out), precision="fp32",
-                      decode_batch_size=64)
+                      decode_batch_size=64, faces="whole")
     summary = label_images(cfg)
 
     n_files = len(faces) + len(good_sizes) + len(BAD)

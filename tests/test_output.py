@@ -18,7 +18,7 @@ import pytest
 from ray_fer import storage
 from ray_fer.labels import CLASSES
 from ray_fer.lease import LEASE_TIMEOUT_ENV, LeaseError
-from ray_fer.output import COMMIT_FILE, SUCCESS_FILE, OutputError, OutputRun, output_schema
+from ray_fer.output import COMMIT_FILE, FACE_COLUMNS, SUCCESS_FILE, OutputError, OutputRun, output_schema
 
 from conftest import _one_line
 
@@ -238,3 +238,73 @@ def test_skip_existing_relabels_read_errors_and_keeps_one_row_per_path(dst):
     assert rows["/b.jpg"]["error"] is None and rows["/c.jpg"]["error"] == "empty file"
     assert "three.parquet" in _names(dst)  # a file with nothing to drop is not rewritten
     assert "one.parquet" not in _names(dst) and "two.parquet" not in _names(dst)
+
+
+# --------------------------------------------------------------------------------------------
+# --faces detect / auto: several rows per file, counted per file
+
+
+FACE_SCHEMA = output_schema(CLASSES, faces=True)
+
+
+def _face_rows(rows: list[tuple[str, int | None, str | None]], model: str = "m") -> pa.Table:
+    """(path, face, error) rows: face None with no error is a photo without a face."""
+    n = len(rows)
+    columns = {f.name: pa.nulls(n, f.type) for f in FACE_SCHEMA}
+    columns.update(path=pa.array([p for p, _, _ in rows], pa.string()),
+                   face=pa.array([f for _, f, _ in rows], pa.int32()),
+                   box_x=pa.array([None if f is None else 10.0 * f for _, f, _ in rows], pa.float32()),
+                   error=pa.array([e for _, _, e in rows], pa.string()),
+                   label=pa.array([None if f is None else "happy" for _, f, _ in rows], pa.string()),
+                   model=pa.array([model] * n, pa.string()))
+    return pa.table(columns, schema=FACE_SCHEMA)
+
+
+PHOTOS = [("/a.jpg", 0, None), ("/a.jpg", 1, None), ("/a.jpg", 2, None), ("/b.jpg", None, None),
+          ("/c.jpg", None, "empty file"), ("/d.jpg", 0, None)]
+
+
+def test_face_schema_has_the_face_columns_after_the_path():
+    names = FACE_SCHEMA.names
+    assert names[:len(FACE_COLUMNS) + 1] == ["path", *FACE_COLUMNS]
+    assert names[len(FACE_COLUMNS) + 1:] == SCHEMA.names[1:]  # then what a whole-image row holds
+    assert FACE_SCHEMA.field("face").type == pa.int32() and FACE_SCHEMA.field("left_eye_x").type == pa.float32()
+    assert len(FACE_COLUMNS) == 16  # face, box (4), score, 5 landmarks (10)
+
+
+def test_faces_are_counted_per_file_and_each_file_checked(tmp_path):
+    dst = str(tmp_path / "out")
+    with OutputRun(dst, overwrite=False, skip_existing=False, model_id="m", faces=True) as run:
+        _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows(PHOTOS))
+        counts = run.check(pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]))
+        assert {k: counts[k] for k in ("images", "labelled", "errors", "faces", "no_face")} == \
+            {"images": 4, "labelled": 2, "errors": 1, "faces": 4, "no_face": 1}
+        run.commit({"images": counts["images"]})
+    assert _read(dst).num_rows == len(PHOTOS)
+    # a file whose rows lack its first face, or a path not asked for, is refused before the commit
+    for rows, todo in (([("/a.jpg", 1, None)], ["/a.jpg"]), ([("/a.jpg", 0, None), ("/z.jpg", 0, None)], ["/a.jpg"])):
+        with OutputRun(str(tmp_path / "bad"), overwrite=False, skip_existing=False, model_id="m", faces=True) as run:
+            _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows(rows))
+            with pytest.raises(OutputError, match="nothing was committed"):
+                run.check(pa.array(todo))
+
+
+def test_skip_existing_keeps_every_face_of_a_file_and_refuses_the_other_mode(tmp_path):
+    dst = str(tmp_path / "out")
+    _write(storage.join(dst, "old.parquet"), _face_rows(PHOTOS + [("/a.jpg", 1, None)]))  # /a.jpg face 1 twice
+    with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m", faces=True) as run:
+        assert sorted(run.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]  # each path once
+        _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows([("/e.jpg", None, None)]))
+        counts = run.check(pa.array(["/e.jpg"]))
+        assert (counts["images"], counts["faces"], counts["no_face"]) == (5, 4, 2)
+        run.commit({"images": counts["images"]})
+    table = _read(dst)
+    assert table.num_rows == len(PHOTOS) + 1  # the repeated face is gone, the new file is in
+    assert sorted(f for p, f in zip(table["path"].to_pylist(), table["face"].to_pylist()) if p == "/a.jpg") == [0, 1, 2]
+    with pytest.raises(OutputError, match="labelled with --faces detect/auto .* not whole; pass the same --faces"):
+        OutputRun(dst, overwrite=False, skip_existing=True, model_id="m").__enter__()
+    whole = str(tmp_path / "whole")
+    _write(storage.join(whole, "old.parquet"), _rows(["/a.jpg"]))
+    with pytest.raises(OutputError, match="labelled with --faces whole .* not detect/auto"):
+        OutputRun(whole, overwrite=False, skip_existing=True, model_id="m", faces=True).__enter__()
+

@@ -170,6 +170,18 @@ def test_cpu_plan_leaves_a_cpu_for_decoding(cpus):
     assert 1 <= plan.threads <= cpus and plan.memory > 0
 
 
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+def test_face_plan_has_the_pool_shape_of_the_plain_one_with_smaller_batches(cpus):
+    # the same shape: a pool of one actor per CPU left no room for decode tasks on a cluster of
+    # 1-CPU nodes (the labelling job of test_cluster hung)
+    plan, plain = plan_predictors({"CPU": cpus}, faces=True), plan_predictors({"CPU": cpus})
+    assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus and plan.batch_size == 64
+    assert (plan.actors, plan.num_cpus, plan.threads, plan.decode_cpus) == (
+        plain.actors, plain.num_cpus, plain.threads, plain.decode_cpus)
+    gpu = plan_predictors({"CPU": cpus, "GPU": 2}, faces=True)
+    assert (gpu.device, gpu.actors, gpu.batch_size) == ("gpu", 2, 256)
+
+
 def test_plan_declares_memory_the_cluster_has():
     assert plan_predictors({"CPU": 2, "memory": 16 * 1024**3}).memory == 2 * 1024**3
     small = plan_predictors({"CPU": 4, "memory": 2 * 1024**3}, actors=2)

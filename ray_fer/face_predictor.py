@@ -1,0 +1,137 @@
+"""The predictor for photos: find, align and label every face, one row per face.
+
+`FacePredictor` is `predictor.Predictor` with the face detector (faces.py) loaded beside the
+model, once per actor, on the same device. A batch of decoded photos (`data.decode_photos`) ->
+MTCNN in chunks of photos zero-padded to a common size -> aligned 48x48 crops cut from each
+photo's gray copy on the device -> the model, all faces of the batch in one call -> rows:
+
+- one row per face, left to right (`face` 0, 1, ...), with its box, score and landmarks;
+- one row for a photo in which no face was found (`face`, `label` and `error` null);
+- one row for a file that could not be read or decoded (`error` set);
+- with --faces auto, one row for an image small enough to be a face crop (`face` 0, the box the
+  square it was centre-cropped to, `face_score` and the landmarks null).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ray_fer.data import PHOTO_COLUMNS
+from ray_fer.faces import Detections, FaceDetector, align_matrices, crop_faces
+from ray_fer.output import FACE_COLUMNS
+from ray_fer.predictor import PREDICTION_COLUMNS, Predictor, arrow_column, no_error
+
+DETECT_CHUNK = {"cpu": 16, "cuda": 64}  # photos per detector call: bounds the P-Net's activations
+
+
+class FacePredictor(Predictor):
+    """Ray Data callable class for photos: the Predictor's model plus the face detector.
+
+    A batch holds, per file, what `data.decode_photos` adds (the photo's `detect` and `gray`
+    copies and their sizes, `image`, `width`, `height`, `error`) and the input's own columns,
+    which are passed through to every row of the file. The result is a pyarrow Table of
+    FACE_COLUMNS, `label`, `confidence`, `prob_<class>`, `error` and `model`, one or more rows per
+    file (see the module's docstring).
+    """
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.detector = FaceDetector(self.device)
+        self.chunk = DETECT_CHUNK[self.device.type]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        ok = no_error(batch["error"]) if "error" in batch else np.ones(n, dtype=bool)
+        width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
+        photo = ok & (np.asarray(batch["detect_width"]) > 0)
+        found = self._detect(batch, np.flatnonzero(photo))
+
+        rows: list[int] = []  # the batch row of each output row
+        faces: list[int | None] = []
+        boxes: list[np.ndarray] = []  # (k, 4) x, y, w, h per file
+        scores: list[np.ndarray] = []
+        points: list[np.ndarray] = []  # (k, 10)
+        crops: list[np.ndarray] = []  # (k, S, S) uint8 per file with faces
+        nothing = (np.full((1, 4), np.nan, np.float32), np.full(1, np.nan, np.float32), np.full((1, 10), np.nan, np.float32))
+        for i in range(n):
+            if i in found and len(found[i]):
+                det = found[i]
+                k = len(det)
+                rows += [i] * k
+                faces += list(range(k))
+                boxes.append(np.concatenate([det.boxes[:, :2], det.boxes[:, 2:] - det.boxes[:, :2]], axis=1))
+                scores.append(det.scores)
+                points.append(det.landmarks.reshape(k, 10))
+                crops.append(self._align(batch, i, det))
+            elif ok[i] and not photo[i]:  # a face crop (--faces auto): the whole image, as decoded
+                side = min(width[i], height[i])
+                rows.append(i)
+                faces.append(0)
+                boxes.append(np.array([[(width[i] - side) / 2, (height[i] - side) / 2, side, side]], np.float32))
+                scores.append(nothing[1])
+                points.append(nothing[2])
+                crops.append(batch["image"][i][None])
+            else:  # an error, or a photo without a face
+                rows.append(i)
+                faces.append(None)
+                boxes.append(nothing[0])
+                scores.append(nothing[1])
+                points.append(nothing[2])
+        labelled = np.array([f is not None for f in faces], dtype=bool)
+        probs = np.zeros((len(rows), len(self.classes)), dtype=np.float32)
+        if labelled.any():
+            probs[labelled] = self._predict(np.concatenate(crops))
+        return self._table(batch, np.array(rows), faces, np.concatenate(boxes), np.concatenate(scores),
+                           np.concatenate(points), probs, labelled)
+
+    def _detect(self, batch: dict[str, np.ndarray], photos: np.ndarray) -> dict[int, Detections]:
+        """The faces of each photo row, in pixels of the upright source image."""
+        found: dict[int, Detections] = {}
+        dh, dw = np.asarray(batch["detect_height"]), np.asarray(batch["detect_width"])
+        photos = photos[np.lexsort((dw[photos], dh[photos]))]  # alike sizes together: less padding
+        for start in range(0, len(photos), self.chunk):
+            part = photos[start:start + self.chunk]
+            images = [np.frombuffer(batch["detect"][i], dtype=np.uint8).reshape(dh[i], dw[i], 3) for i in part]
+            for i, det in zip(part, self.detector.detect(images)):
+                w, h = int(batch["width"][i]), int(batch["height"][i])
+                found[int(i)] = det.scaled(w / dw[i], h / dh[i], w, h)
+        return found
+
+    def _align(self, batch: dict[str, np.ndarray], i: int, det: Detections) -> np.ndarray:
+        """The aligned crops of one photo's faces, cut from its gray copy on the device."""
+        gh, gw = int(batch["gray_height"][i]), int(batch["gray_width"][i])
+        gray = torch.frombuffer(bytearray(batch["gray"][i]), dtype=torch.uint8).reshape(gh, gw).to(self.device)
+        to_gray = np.array([gw / batch["width"][i], gh / batch["height"][i]], dtype=np.float32)
+        matrices = align_matrices(det.landmarks * to_gray, self.decode_size)
+        return crop_faces(gray, matrices, self.decode_size).cpu().numpy()
+
+    def _table(self, batch: dict[str, np.ndarray], rows: np.ndarray, faces: list[int | None], boxes: np.ndarray,
+               scores: np.ndarray, points: np.ndarray, probs: np.ndarray, labelled: np.ndarray) -> pa.Table:
+        columns: dict[str, pa.Array] = {}
+        for name, values in batch.items():
+            if name in ("image", "error", *PHOTO_COLUMNS):
+                continue
+            if name in PREDICTION_COLUMNS or name in FACE_COLUMNS or name in self.prob_columns or name == "model":
+                raise ValueError(f"input column {name!r} would be overwritten by the prediction; rename it")
+            columns[name] = arrow_column(np.asarray(values)[rows])
+        columns["face"] = pa.array(faces, pa.int32())
+        for j, name in enumerate(("box_x", "box_y", "box_w", "box_h")):
+            columns[name] = pa.array(boxes[:, j], pa.float32(), mask=np.isnan(boxes[:, j]))
+        columns["face_score"] = pa.array(scores, pa.float32(), mask=np.isnan(scores))
+        for j, name in enumerate(FACE_COLUMNS[6:]):
+            columns[name] = pa.array(points[:, j], pa.float32(), mask=np.isnan(points[:, j]))
+        missing = ~labelled
+        best = probs.argmax(axis=1)
+        columns["label"] = pa.array([self.classes[b] if ok else None for b, ok in zip(best, labelled)], pa.string())
+        columns["confidence"] = pa.array(probs.max(axis=1, initial=0.0), pa.float32(), mask=missing)
+        for j, name in enumerate(self.prob_columns):
+            columns[name] = pa.array(probs[:, j], pa.float32(), mask=missing)
+        errors = batch["error"] if "error" in batch else np.full(len(batch["path"]), None, dtype=object)
+        ok = no_error(errors)
+        columns["error"] = pa.array([None if ok[i] else str(errors[i]) for i in rows], pa.string())
+        columns["model"] = pa.array([self.model_id] * len(rows), pa.string())
+        return pa.table(columns)
