@@ -161,7 +161,8 @@ def read_with_retries(uri: str, delays: tuple[float, ...] | None = None) -> byte
 
 @contextlib.contextmanager
 def stop_on_read_errors(advice: str) -> Iterator[None]:
-    """Turn a ReadError that stopped a Ray task into one line for the user: its message and `advice`.
+    """Turn a ReadError (or a manifest's InputError) that stopped a Ray task into one line for
+    the user: its message, and for a ReadError `advice`.
 
     Ray Data hands the driver the worker's traceback as text (RayTaskError), not the exception
     object, so the message is found in that text."""
@@ -170,10 +171,12 @@ def stop_on_read_errors(advice: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - anything Ray raises for a failed task
-        found = re.search(rf"{ReadError.__module__}\.ReadError: (.+)", str(e))
+        found = re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
         if found is None:
             raise
-        raise ReadError(f"{found.group(1).strip()}. {advice}") from None
+        if found.group(1) == "InputError":
+            raise UserError(found.group(2).strip()) from None
+        raise ReadError(f"{found.group(2).strip()}. {advice}") from None
 
 
 def read_each(uris: list[str], threads: int = 16,
