@@ -345,7 +345,7 @@ def plan_predictors(
 
 
 def prediction_dataset(
-    table: pa.Table,
+    source: "pa.Table | ray.data.Dataset",
     model: str | ModelBundle,
     *,
     model_id: str | None = None,
@@ -358,24 +358,27 @@ def prediction_dataset(
     compile: bool = False,
     faces: str = "whole",
     detect_size: int = DETECT_SIZE,
+    tally: Any = None,
 ) -> "ray.data.Dataset":
-    """The lazy Ray Dataset of predictions for a table with a `path` column (local or s3://).
+    """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
+    (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
 
     `faces`: "whole" labels each file's whole image (one row per file); "detect" finds, aligns
     and labels every face (`face_predictor.FacePredictor`: one row per face, one for a file
     without a face or with an error); "auto" labels an image of at most `data.AUTO_WHOLE_SIDE`
     pixels whole (a face crop) and detects faces in the others.
 
-    Extra columns of `table` (e.g. a true label) are passed through. Stages: read and decode on
+    Extra columns of `source` (e.g. a true label) are passed through. Stages: read and decode on
     CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
-    actors sized by `plan_predictors`. Nothing runs until the dataset is consumed (write_parquet,
+    actors sized by `plan_predictors`. `tally` (a `pathsets.Tally` actor) is told the digest of
+    every block that reaches the decode tasks. Nothing runs until the dataset is consumed (write_parquet,
     iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
     With `compile` each actor torch.compiles its model once before its first batch.
     """
     import ray
 
-    if "path" not in table.column_names:
-        raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(table.column_names)}")
+    if isinstance(source, pa.Table) and "path" not in source.column_names:
+        raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(source.column_names)}")
     if isinstance(model, str):
         model, model_id = load_bundle(model)
     if model_id is None:
@@ -388,8 +391,8 @@ def prediction_dataset(
     pool = f"{plan.min_actors}-{plan.actors}" if plan.min_actors < plan.actors else str(plan.actors)
     log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(table, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
-                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size)
+    ds = decoded_dataset(source, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
+                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally)
     if photos:
         from ray_fer.face_predictor import FacePredictor
     return ds.map_batches(
