@@ -116,8 +116,7 @@ def small_model(path: Path) -> str:
 def run_infer(src: str, dst: str, model: str, env: dict[str, str], extra: list[str]) -> dict[str, object]:
     """`ray-fer infer` in its own process on a pseudo-terminal: its first progress, total time,
     peak RSS and JSON summary."""
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
-    import psutil
+    import psutil  # Ray's bundled copy, on sys.path once Ray is imported (main imports it first)
 
     cmd = [sys.executable, "-m", "ray_fer.cli", "infer", "--model", model, "--input", src, "--output", dst,
            "--faces", "whole", *extra]

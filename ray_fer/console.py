@@ -223,10 +223,15 @@ class RayCounter:
     """A count that Ray tasks add to and the driver reads: the rows a pipeline has finished.
 
     A zero-CPU actor, so it fits on any cluster; tasks call `add.remote(n)` without waiting.
+    `actor` reuses an actor that has `add(n)` and `get()` (one process fewer to start).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, actor: Any = None) -> None:
         import ray
+
+        if actor is not None:
+            self.actor = actor
+            return
 
         @ray.remote(num_cpus=0)
         class _Count:

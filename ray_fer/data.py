@@ -28,7 +28,7 @@ READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: photos take ~20 ms each
-PHOTO_DECODE_BATCH = 64  # files per decode task of a streamed input when faces are detected (~1.3 s)
+PHOTO_DECODE_BATCH = 64  # most files per decode task of a streamed input when faces are detected (~1.3 s)
 PHOTO_BLOCK_BYTES = 32 * 1024**2  # decoded photos per output block of a decode task: ~16 1280x960 photos
 AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
 PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")
@@ -178,8 +178,8 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
     `height` and `error` (see `decode_batch`); one row per input row, other columns kept. With
     `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
 
-    `source` is a Ray Dataset (a listing or a manifest, streamed: its blocks are re-cut to
-    `decode_batch_size` rows, with faces PHOTO_DECODE_BATCH, one decode task each) or a
+    `source` is a Ray Dataset (a listing or a manifest, streamed: one decode task per block, so
+    its blocks should be made about `decode_batch_size` rows, see `inputs.blocks_of`) or a
     pyarrow Table (a labelled folder for evaluation: split evenly into tasks of at most
     `decode_batch_size` files and at least one per cluster CPU while each still gets
     MIN_DECODE_BATCH files, with faces MIN_PHOTO_DECODE_BATCH). `tally` (a `pathsets.Tally`
@@ -198,8 +198,7 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
         # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
         ds = ray.data.from_arrow([source.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])])
     else:
-        rows = min(decode_batch_size, PHOTO_DECODE_BATCH) if photos else decode_batch_size
-        ds = source.repartition(target_num_rows_per_block=rows)
+        ds = source
     if tally is not None:  # same resources as the decode stage: Ray Data runs both in one task
         from ray_fer.pathsets import tally_block
 

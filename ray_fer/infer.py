@@ -30,7 +30,8 @@ from typing import Any
 from ray_fer import __version__, cluster, console, storage
 from ray_fer.config import InferConfig
 from ray_fer.faces import check_detector
-from ray_fer.inputs import find_inputs, input_dataset, no_images
+from ray_fer.data import PHOTO_DECODE_BATCH
+from ray_fer.inputs import blocks_of, find_inputs, input_dataset, no_images
 from ray_fer.listing import LIST_CPUS
 from ray_fer.model import ModelBundle, load_bundle
 from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
@@ -65,9 +66,10 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id,
                    faces=faces) as out:
         tally = Tally()
-        paths = input_dataset(inputs).map_batches(
-            tally_block, fn_kwargs={"tally": tally.actor, "name": "listed"}, batch_size=None,
-            batch_format="pyarrow", num_cpus=LIST_CPUS)
+        with blocks_of(min(cfg.decode_batch_size, PHOTO_DECODE_BATCH) if faces else cfg.decode_batch_size):
+            paths = input_dataset(inputs).map_batches(
+                tally_block, fn_kwargs={"tally": tally.actor, "name": "listed"}, batch_size=None,
+                batch_format="pyarrow", num_cpus=LIST_CPUS)
         if out.done_count:  # the anti-join: paths with a row that stays are not labelled again
             paths = paths.map_batches(drop_done, fn_kwargs={"done": out.done}, batch_size=None,
                                       batch_format="pyarrow", num_cpus=LIST_CPUS)
@@ -108,12 +110,12 @@ def _label(paths: Any, bundle: ModelBundle, model_id: str, cfg: InferConfig, dst
         batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
         compile=cfg.compile, faces=cfg.faces, detect_size=cfg.face_detect_size, tally=tally.actor,
     )
-    counter = console.RayCounter()
+    counter = console.RayCounter(tally.actor)
     schema = output_schema(bundle.classes, faces=cfg.faces != "whole")
-    # half a CPU for the cheap write stage, so it fits beside decode tasks and actors on any cluster
+    # a quarter CPU for each cheap write step, so they fit beside decode tasks and actors on any cluster
     ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter.actor},
-                        batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
     progress = console.Progress(0)
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):
-        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.5})
+        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.25})

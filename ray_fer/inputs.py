@@ -15,9 +15,11 @@ path once. Nothing here holds the list on the driver:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 MANIFEST_MARKER = "_MANIFEST"  # JSON that `ray-fer list` writes last into a manifest folder
 MANIFEST_BLOCK = 10_000  # rows per block a manifest-reading task yields
+PATH_BYTES = 100  # about what one path takes in a block (local paths, s3:// URIs)
 
 
 class InputError(UserError):
@@ -73,7 +76,7 @@ def find_inputs(src: str) -> Inputs:
         _check_manifest(src, manifests[0])
         return Inputs(src, manifests=manifests, unique=marked)
     try:
-        shards = plan_shards(src, wanted=shards_wanted())
+        shards = plan_shards(src, wanted=shards_wanted(), extensions=IMAGE_EXTENSIONS)
     except FileNotFoundError:
         shards = []
     except Exception as e:  # noqa: BLE001 - OSError locally; botocore's errors on S3
@@ -154,6 +157,24 @@ def _columns(uri: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # The stream of paths
+
+
+@contextlib.contextmanager
+def blocks_of(rows: int) -> Iterator[None]:
+    """Ray Datasets created inside carry blocks of about `rows` paths, and each later stage
+    blocks of at most as many bytes (`DataContext.target_max_block_size`, which a dataset copies
+    when it is created). Ray Data joins what one task yields into blocks of that size, by default
+    128 MB: a million paths, which would leave a store's decoding to a handful of tasks; one
+    decode task per block of `rows` paths keeps every CPU busy and the first rows early."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = rows * PATH_BYTES
+    try:
+        yield
+    finally:
+        context.target_max_block_size = saved
 
 
 def input_dataset(inputs: Inputs, *, with_size: bool = False):
@@ -253,15 +274,16 @@ def _read_manifest_batch(batch: pa.Table, *, repeats: Any):
 
 
 def list_inputs(src: str) -> pa.Table:
-    """The input's paths as one table on the driver, sorted: for small inputs and tests (the
-    labelling pipeline streams them instead)."""
+    """The input's paths as one table on the driver: a folder's sorted, a manifest's in its
+    order. For small inputs and tests; the labelling pipeline streams them instead."""
+    inputs = find_inputs(src)
     cluster.connect()
-    table = input_dataset(find_inputs(src)).to_arrow_refs()
-    tables = [t for t in cluster.fetch(table) if t.num_rows]
+    tables = [t for t in cluster.fetch(input_dataset(inputs).to_arrow_refs()) if t.num_rows]
     paths = pa.concat_tables(tables)["path"] if tables else pa.chunked_array([], pa.string())
     if not len(paths):
         raise no_images(src)
-    return pa.table({"path": paths.combine_chunks()}).sort_by("path")
+    table = pa.table({"path": paths.combine_chunks()})
+    return table.sort_by("path") if inputs.shards else table
 
 
 def write_manifest(src: str, dst: str, *, overwrite: bool = False) -> dict[str, Any]:

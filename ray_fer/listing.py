@@ -55,20 +55,25 @@ class Shard:
     until: str | None = None  # ... and up to and including this one
 
 
-def plan_shards(src: str, *, wanted: int) -> list[Shard]:
+def plan_shards(src: str, *, wanted: int, extensions: tuple[str, ...]) -> list[Shard]:
     """The shards that together list everything under `src`, each file in exactly one; [] when
-    `src`'s own level holds nothing to list. Raises OSError (or botocore's errors) when it
-    cannot be read."""
+    `src`'s own level holds no sub-folder and no file with one of `extensions`. Raises OSError
+    (or botocore's errors) when it cannot be read."""
+    import functools
+
     remote = storage.is_remote(src)
     src = src.rstrip("/") if remote else os.path.abspath(os.path.expanduser(src))
-    level = _s3_level if remote else _local_level
+    exts = tuple(e.lower() for e in extensions)
+    level = functools.partial(_s3_level if remote else _local_level, extensions=exts)
     shards: list[Shard] = []
     big: list[str] = []  # levels too big to enumerate here
     queue = [src]
     listings = 0
     with ThreadPoolExecutor(max_workers=16) as pool:
         while queue and len(shards) + len(big) + len(queue) < wanted and listings < PLAN_LISTINGS:
-            batch, queue = queue[:PLAN_LISTINGS - listings], queue[PLAN_LISTINGS - listings:]
+            # expand only as many folders as the shards still wanted need (at least 16 at a time)
+            take = min(PLAN_LISTINGS - listings, max(16, wanted - len(shards) - len(big) - len(queue)))
+            batch, queue = queue[:take], queue[take:]
             listings += len(batch)
             for folder, (subfolders, files, too_big) in zip(batch, pool.map(level, batch)):
                 if too_big:
@@ -84,9 +89,9 @@ def plan_shards(src: str, *, wanted: int) -> list[Shard]:
     return shards + [Shard(folder) for folder in queue]
 
 
-def _local_level(folder: str) -> tuple[list[str], bool, bool]:
-    """A local folder's sub-folders, whether it has files of its own, and whether it has more
-    than LOCAL_LEVEL_ENTRIES entries (then one task lists it whole)."""
+def _local_level(folder: str, extensions: tuple[str, ...]) -> tuple[list[str], bool, bool]:
+    """A local folder's sub-folders, whether it has files of its own with these extensions, and
+    whether it has more than LOCAL_LEVEL_ENTRIES entries (then one task lists it whole)."""
     subfolders: list[str] = []
     files = False
     with os.scandir(folder) as entries:
@@ -96,13 +101,13 @@ def _local_level(folder: str) -> tuple[list[str], bool, bool]:
             if entry.is_dir(follow_symlinks=False):
                 subfolders.append(entry.path)
             else:
-                files = True
+                files = files or entry.name.lower().endswith(extensions)
     return sorted(subfolders), files, False
 
 
-def _s3_level(prefix_uri: str) -> tuple[list[str], bool, bool]:
-    """An S3 prefix's sub-prefixes, whether it has keys of its own, and whether it has more
-    than PLAN_PAGES pages of entries (then it is cut into key ranges)."""
+def _s3_level(prefix_uri: str, extensions: tuple[str, ...]) -> tuple[list[str], bool, bool]:
+    """An S3 prefix's sub-prefixes, whether it has keys of its own with these extensions, and
+    whether it has more than PLAN_PAGES pages of entries (then it is cut into key ranges)."""
     bucket, prefix = _bucket_prefix(prefix_uri)
     pages = _s3_client().get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig={"PageSize": PAGE_KEYS})
@@ -112,7 +117,7 @@ def _s3_level(prefix_uri: str) -> tuple[list[str], bool, bool]:
         if n >= PLAN_PAGES:
             return [], False, True
         subfolders += [f"s3://{bucket}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", [])]
-        files = files or any(not o["Key"].endswith("/") for o in page.get("Contents", []))
+        files = files or any(o["Key"].lower().endswith(extensions) for o in page.get("Contents", []))
     return subfolders, files, False
 
 

@@ -90,6 +90,7 @@ class _TallyState:
     def __init__(self) -> None:
         self.blocks: dict[str, set[Digest]] = {}
         self.sizes: dict[str, int] = {}
+        self.written = 0
 
     def record(self, name: str, digest: Digest) -> None:
         blocks = self.blocks.setdefault(name, set())
@@ -103,11 +104,18 @@ class _TallyState:
     def counts(self) -> dict[str, int]:
         return dict(self.sizes)
 
+    def add(self, n: int) -> None:  # rows written: the progress display's count (console.RayCounter)
+        self.written += n
+
+    def get(self) -> int:
+        return self.written
+
 
 class Tally:
     """Digests of the blocks that went through named points of a pipeline ("listed", "todo").
 
-    A zero-CPU actor. Tasks call `tally_block`, which waits for the actor to record the block,
+    A zero-CPU actor, which also counts the files written for the progress display. Tasks call
+    `tally_block`, which waits for the actor to record the block,
     so a finished pipeline's totals are complete. A retried task's block has the same digest and
     is recorded once; two different blocks share a digest only if they hold the same paths,
     which the inputs never do (they are unique)."""
