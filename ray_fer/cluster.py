@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ray_fer import storage
-from ray_fer.config import ConfigError
+from ray_fer.config import ConfigError, UserError
 
 
 _private_instance = False  # this process started the Ray it runs on (set by connect)
@@ -74,18 +74,22 @@ def submit(fn: Any, *args: Any, num_returns: int = 1, num_cpus: float = 0.25) ->
 
 
 def fetch(refs: Any) -> Any:
-    """The values of what `submit` returned (a ref, a list of refs, or plain values)."""
+    """The values of what `submit` returned (a ref, a list of refs, or plain values). A task
+    that failed with a UserError (a bad manifest, say) raises that error itself: one line."""
     import sys
 
     if "ray" not in sys.modules:
         return refs
     import ray
 
-    if isinstance(refs, ray.ObjectRef):
+    if not (isinstance(refs, ray.ObjectRef) or (isinstance(refs, list) and refs and isinstance(refs[0], ray.ObjectRef))):
+        return refs
+    try:
         return ray.get(refs)
-    if isinstance(refs, list) and refs and isinstance(refs[0], ray.ObjectRef):
-        return ray.get(refs)
-    return refs
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
 
 
 _REMOTES: dict[tuple[Any, int, float], Any] = {}

@@ -108,7 +108,7 @@ def _first_entries(src: str, n: int) -> list[tuple[str, bool]]:
     if storage.is_remote(src):
         bucket, _, prefix = src[len("s3://"):].partition("/")
         prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        page = storage._s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=n)
+        page = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=n)
         return ([(f"s3://{bucket}/{p['Prefix'].rstrip('/')}", True) for p in page.get("CommonPrefixes", [])]
                 + [(f"s3://{bucket}/{o['Key']}", False) for o in page.get("Contents", [])
                    if not o["Key"].endswith("/")])
@@ -214,15 +214,21 @@ def read_manifest(uri: str):
     fs, path = storage.filesystem(uri)
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     local = not storage.is_remote(uri)
-    if uri.lower().endswith(".csv"):
-        stream = fs.open_input_stream(path)
-        reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 20),
-                                convert_options=pacsv.ConvertOptions(include_columns=["path"],
-                                                                     column_types={"path": pa.string()}))
-        batches = iter(reader)
-    else:
-        stream = fs.open_input_file(path)
-        batches = pq.ParquetFile(stream).iter_batches(batch_size=MANIFEST_BLOCK, columns=["path"])
+    try:
+        if uri.lower().endswith(".csv"):
+            stream = fs.open_input_stream(path)
+            batches = iter(pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 20),
+                                          convert_options=pacsv.ConvertOptions(include_columns=["path"],
+                                                                               column_types={"path": pa.string()})))
+        else:
+            stream = fs.open_input_file(path)
+            parquet = pq.ParquetFile(stream)
+            if "path" not in parquet.schema_arrow.names:
+                raise KeyError("path")
+            batches = parquet.iter_batches(batch_size=MANIFEST_BLOCK, columns=["path"])
+    except (KeyError, pa.ArrowInvalid) as e:
+        raise InputError(f"manifest {uri!r} has no 'path' column, or cannot be read ({storage.short_error(e)}); "
+                         "give every manifest file a 'path' column") from None
     with stream:
         for batch in batches:
             paths = batch.column("path").cast(pa.string())

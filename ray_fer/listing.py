@@ -109,7 +109,7 @@ def _s3_level(prefix_uri: str, extensions: tuple[str, ...]) -> tuple[list[str], 
     """An S3 prefix's sub-prefixes, whether it has keys of its own with these extensions, and
     whether it has more than PLAN_PAGES pages of entries (then it is cut into key ranges)."""
     bucket, prefix = _bucket_prefix(prefix_uri)
-    pages = _s3_client().get_paginator("list_objects_v2").paginate(
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig={"PageSize": PAGE_KEYS})
     subfolders: list[str] = []
     files = False
@@ -156,7 +156,7 @@ def _probe(shard: Shard) -> int:
     args: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_KEYS}
     if shard.after is not None:
         args["StartAfter"] = shard.after
-    page = _s3_client().list_objects_v2(**args)
+    page = storage.s3_client().list_objects_v2(**args)
     keys = [o["Key"] for o in page.get("Contents", []) if shard.until is None or o["Key"] <= shard.until]
     return len(keys) + (1 if len(keys) == PAGE_KEYS and page.get("IsTruncated") else 0)
 
@@ -221,7 +221,7 @@ def _s3_entries(shard: Shard) -> Iterator[tuple[str, int]]:
         args["Delimiter"] = "/"
     if shard.after is not None:
         args["StartAfter"] = shard.after
-    for page in _s3_client().get_paginator("list_objects_v2").paginate(**args):
+    for page in storage.s3_client().get_paginator("list_objects_v2").paginate(**args):
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if shard.until is not None and key > shard.until:
@@ -235,10 +235,6 @@ def _bucket_prefix(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
     return bucket, prefix + "/" if prefix else ""
-
-
-def _s3_client() -> Any:
-    return storage._s3_client()
 
 
 # --------------------------------------------------------------------------------------------

@@ -281,7 +281,8 @@ def short_error(e: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _s3_client() -> Any:
+def s3_client() -> Any:
+    """boto3's S3 client, one per process (conditional writes; paginated listings with ranges)."""
     import boto3  # pyarrow's S3 filesystem has no conditional writes
 
     return boto3.client("s3")  # reads AWS_ENDPOINT_URL and the credential chain, as pyarrow does
@@ -300,7 +301,7 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
 
         bucket, key = _bucket_key(uri)
         try:
-            answer = _s3_client().get_object(Bucket=bucket, Key=key)
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -325,7 +326,7 @@ def write_if_unchanged(uri: str, data: bytes, token: str | None) -> str | None:
         bucket, key = _bucket_key(uri)
         condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
         try:
-            return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
         except ClientError as e:  # 412: the condition failed; 409: a concurrent conditional write won
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return None

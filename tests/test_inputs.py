@@ -72,6 +72,10 @@ def test_manifest_folders_are_read_by_tasks_each_path_once(ray_local, tmp_path, 
     inputs = find_inputs(root)
     assert inputs.kind == "manifest" and len(inputs.manifests) == 2 and not inputs.unique
     assert sorted(list_inputs(root)["path"].to_pylist()) == sorted(files)  # faces/2.jpg is in both files
+    storage.write_bytes(storage.join(root, "part-2.csv"), b"file\nx.jpg\n")  # found by a task: still one line
+    with pytest.raises(InputError, match="part-2.csv' has no 'path' column") as e:
+        list_inputs(root)
+    assert len(str(e.value).splitlines()) == 1
     storage.write_bytes(storage.join(root, "extra.jpg"), b"x")  # an image beside them: a folder of images
     assert find_inputs(root).kind == "folder"
 
