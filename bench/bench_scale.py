@@ -102,14 +102,24 @@ def make_s3_store(bucket: str, n: int, faces: list[Path]) -> str:
 
 
 def small_model(path: Path) -> str:
-    """EfficientNet-B0 with random weights, as a bundle (no data needed)."""
+    """EfficientNet-B0 with random weights whose batch norms are calibrated on random faces, as a
+    bundle: outputs that differ from image to image, as a trained model's do (no data needed)."""
     import torch
 
+    from ray_fer.images import EvalPreset
     from ray_fer.model import ModelBundle, build_model, save_bundle
 
     torch.manual_seed(0)
-    model = build_model("none").eval()
-    save_bundle(ModelBundle(state_dict=model.state_dict(), image_size=48, decode_size=48), str(path))
+    model = build_model("none")
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    preset = EvalPreset(image_size=48, channels_last=False)
+    with torch.no_grad():
+        model.train()(preset(torch.randint(0, 256, (64, 48, 48), dtype=torch.uint8)))
+        model.classifier[1].weight.normal_(0.0, 0.3)
+    save_bundle(ModelBundle(state_dict=model.eval().state_dict(), image_size=48, decode_size=48), str(path))
     return str(path)
 
 

@@ -211,13 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(func: Callable[[], dict[str, Any]], prog: str = "ray-fer") -> int:
     """Call `func`, print its summary as one JSON line; user errors become one line and exit 2."""
+    error: UserError | None = None
     try:
         summary = func()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
+        error = e
+    finally:  # before the last line: logs that workers still forward (a second predictor's) come first
         _flush_ray_logs()
+    if error is not None:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -317,9 +317,7 @@ def plan_predictors(
     need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
 
     With `faces` (photos: the detector runs in the actors) a batch is 64 files on CPU and 256 on
-    GPU (a few hundred MB of decoded photos); on CPUs, where the detector costs ~5x the decode
-    per photo, a small machine runs one single-threaded actor per CPU and decodes on half a CPU
-    (MTCNN's many small operations scale poorly over threads, processes do not).
+    GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
 
     On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
     the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than
@@ -345,24 +343,18 @@ def plan_predictors(
                              num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
                              memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
-    if faces:
-        decode_cpus = 0.5 if cpus <= 4 else 1.0
-        usable = cpus - decode_cpus
-        threads = 1 if cpus <= 4 else 2
-        n = actors or max(1, round(usable / threads))
-        return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=usable / n, num_gpus=0,
-                             threads=threads, batch_size=batch_size or 64, tasks_in_flight=2,
-                             memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: decoding a small face costs about a twentieth of the model's work for it (FER2013 on one
     # core: ~15,000 decodes/s, ~600 model images/s), so decode tasks (a quarter CPU each) and the
     # write stage share DECODE_SHARE of the CPUs (at least 0.75) and the actors the rest; their
     # torch threads add up to the CPUs: one single-threaded actor per CPU on small machines (on
-    # 48-64 px faces processes scale better than threads), two threads each on larger ones.
+    # 48-64 px faces processes scale better than threads), two threads each on larger ones. With
+    # faces the same shape, smaller batches: decoded photos are larger than faces. Each node of a
+    # cluster of 1-CPU nodes keeps 0.375 CPU beside its actor, room for a decode task.
     headroom = max(0.75, DECODE_SHARE * cpus)
     threads = max(1, round(cpus / actors)) if actors else (1 if cpus <= 4 else 2)
     n = actors or max(1, round(cpus / threads))
     return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=max(cpus - headroom, 0.25) / n, num_gpus=0,
-                         threads=threads, batch_size=batch_size or 4 * CPU_CHUNK, tasks_in_flight=2,
+                         threads=threads, batch_size=batch_size or (64 if faces else 4 * CPU_CHUNK), tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=0.25)
 
 

@@ -199,13 +199,19 @@ def test_cpu_plan_leaves_a_cpu_for_decoding(cpus):
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
-def test_face_plan_runs_single_threaded_actors_on_small_machines(cpus):
-    plan = plan_predictors({"CPU": cpus}, faces=True)
+def test_face_plan_has_the_pool_shape_of_the_plain_one_with_smaller_batches(cpus):
+    plan, plain = plan_predictors({"CPU": cpus}, faces=True), plan_predictors({"CPU": cpus})
     assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus and plan.batch_size == 64
-    if cpus <= 4:  # one actor per CPU beside half a CPU for decoding
-        assert (plan.threads, plan.decode_cpus) == (1, 0.5) and plan.actors == max(1, round(cpus - 0.5))
+    assert (plan.actors, plan.num_cpus, plan.threads, plan.decode_cpus) == (
+        plain.actors, plain.num_cpus, plain.threads, plain.decode_cpus)
     gpu = plan_predictors({"CPU": cpus, "GPU": 2}, faces=True)
     assert (gpu.device, gpu.actors, gpu.batch_size) == ("gpu", 2, 256)
+
+
+def test_cpu_plan_leaves_room_for_decoding_on_each_node_of_one_cpu():
+    # two 1-CPU nodes (test_cluster's): one actor on each, and a decode task still fits beside it
+    plan = plan_predictors({"CPU": 2})
+    assert plan.actors == 2 and 1.0 - plan.num_cpus >= plan.decode_cpus
 
 
 def test_plan_declares_memory_the_cluster_has():
