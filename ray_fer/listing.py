@@ -32,7 +32,10 @@ from ray_fer import storage
 
 log = logging.getLogger(__name__)
 
-LIST_CPUS = 0.25  # a listing task waits on the store, not the CPU
+# A listing task waits on the store, not the CPU. Not the decode tasks' share (0.25, 1): Ray Data
+# fuses consecutive stages that ask for the same resources, and a listing fused with decoding
+# decodes a whole shard in one task.
+LIST_CPUS = 0.2
 SHARDS_PER_CPU = 4  # shards wanted per cluster CPU (at least MIN_SHARDS): tasks of alike size
 MIN_SHARDS = 64
 PLAN_LISTINGS = 2_000  # folder listings (or S3 probes) the driver makes at most while planning

@@ -168,9 +168,12 @@ def stop_on_read_errors(advice: str) -> Iterator[None]:
     object, so the message is found in that text."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as e:  # noqa: BLE001 - anything Ray raises for a failed task
+        # Ray may raise the task's error as a RayTaskError that is also a ReadError: its text is
+        # the whole remote traceback, so it is taken apart like any other
+        from_ray = any(c.__name__ == "RayTaskError" for c in type(e).__mro__)
+        if isinstance(e, UserError) and not from_ray:
+            raise
         found = re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
         if found is None:
             raise
