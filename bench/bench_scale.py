@@ -6,10 +6,12 @@ folder, 100 folders a group), and a store of objects on a loopback S3 server (mo
 `ray-fer infer` on each in a process of its own, joined to one Ray instance that the benchmark
 starts first (as on a cluster, the driver is only the command). For each store it measures:
 
-- time to the first labelled rows (the progress display's first count above 0; the command runs
-  on a pseudo-terminal so that the display redraws every 0.5 s),
+- time to the first labelled rows (the progress display's first count above 0, counted as rows
+  leave the predictors; the command runs on a pseudo-terminal so that the display redraws every
+  0.5 s; the first Parquet file is written once 100,000 rows are ready),
 - total time and images/s (start-up included),
-- the driver's peak memory (RSS of the `ray-fer infer` process, sampled every 0.1 s).
+- the driver's peak memory (RSS of the `ray-fer infer` process, sampled every 0.1 s; and its USS,
+  its own pages without shared libraries, every 1 s).
 
     .venv/bin/python bench/bench_scale.py                       # 100,000 and 1,000,000 local, 100,000 on S3
     .venv/bin/python bench/bench_scale.py --local 2000 --s3 500 # a quick check that it works
@@ -134,16 +136,20 @@ def run_infer(src: str, dst: str, model: str, env: dict[str, str], extra: list[s
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env, cwd=REPO, text=True)
     os.close(slave)
-    peak = [0]
+    peak = [0, 0]  # RSS, USS (its own pages: no shared libraries or object-store pages)
     stop = threading.Event()
 
     def sample() -> None:
         p = psutil.Process(proc.pid)
+        ticks = 0
         while not stop.wait(0.1):
             try:
                 peak[0] = max(peak[0], p.memory_info().rss)
+                if ticks % 10 == 0:  # reading smaps costs more: once a second
+                    peak[1] = max(peak[1], p.memory_full_info().uss)
             except psutil.Error:
                 return
+            ticks += 1
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -177,7 +183,7 @@ def run_infer(src: str, dst: str, model: str, env: dict[str, str], extra: list[s
     summary = json.loads(out.strip().splitlines()[-1])
     return {"images": summary["images"], "first_rows_s": round(first, 1) if first is not None else None,
             "total_s": round(total, 1), "images_per_s": round(summary["images"] / total, 1),
-            "driver_peak_mb": round(peak[0] / 2**20, 1)}
+            "driver_peak_mb": round(peak[0] / 2**20, 1), "driver_peak_uss_mb": round(peak[1] / 2**20, 1)}
 
 
 def main() -> None:

@@ -112,10 +112,12 @@ def _label(paths: Any, bundle: ModelBundle, model_id: str, cfg: InferConfig, dst
     )
     counter = console.RayCounter(tally.actor)
     schema = output_schema(bundle.classes, faces=cfg.faces != "whole")
-    # a quarter CPU for each cheap write step, so they fit beside decode tasks and actors on any cluster
+    # cheap steps on a share of a CPU, so they fit beside decode tasks and actors on any cluster;
+    # not the same share: fused with the write, which waits for ROWS_PER_FILE rows, to_output
+    # would count the rows for the progress display only once a file's worth is ready
     ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter.actor},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
     progress = console.Progress(0)
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):
-        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.25})
+        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2})
