@@ -184,6 +184,9 @@ def input_dataset(inputs: Inputs, *, with_size: bool = False):
     import ray.data
 
     if inputs.shards:
+        wanted = shards_wanted()
+        if len(inputs.shards) < wanted:  # planned before joining a cluster bigger than MIN_SHARDS wants
+            inputs.shards = plan_shards(inputs.src, wanted=wanted, extensions=IMAGE_EXTENSIONS) or inputs.shards
         return listing_dataset(inputs.shards, extensions=IMAGE_EXTENSIONS, with_size=with_size)
     files = [{"uri": uri, "index": i} for i, uri in enumerate(inputs.manifests)]
     repeats: Any = None
