@@ -79,10 +79,11 @@ def _preprocess_count(batch: dict[str, np.ndarray], *, image_size: int) -> dict[
 
 
 def ingest_pipeline(data: str, image_size: int) -> int:
-    from ray_fer.data import decoded_dataset
-    from ray_fer.inputs import list_inputs
+    from ray_fer.data import DECODE_BATCH, decoded_dataset
+    from ray_fer.inputs import blocks_of, find_inputs, input_dataset
 
-    ds = decoded_dataset(list_inputs(data), decode_size=48)
+    with blocks_of(DECODE_BATCH):  # as labelling streams it: listing tasks -> decode tasks
+        ds = decoded_dataset(input_dataset(find_inputs(data)), decode_size=48)
     ds = ds.map_batches(_preprocess_count, fn_kwargs={"image_size": image_size}, batch_size=None,
                         batch_format="numpy")
     return int(sum(b["n"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy")))

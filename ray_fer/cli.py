@@ -61,6 +61,21 @@ def _infer(args: argparse.Namespace) -> dict[str, Any]:
     return label_images(load_config(InferConfig, args.config, overrides))
 
 
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list a folder or s3:// prefix once into a manifest folder (Parquet: path, "
+                       "size), to label it with ray-fer infer --input MANIFEST_DIR")
+    p.add_argument("--input", required=True, help="image folder, s3://bucket/prefix, or a manifest")
+    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the manifest's Parquet files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest folder")
+    p.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.inputs import write_manifest
+
+    return write_manifest(args.input, args.output, overwrite=args.overwrite)
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and a confusion matrix on a labelled folder")
     p.add_argument("--model", default="fer2013", help="fer2013 (the packaged model, the default), or a model.pt "
@@ -187,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_help = "show Ray's own logs (execution plans, progress bars, Train's messages) and debug logging"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_infer, _add_evaluate, _add_report, _add_predict, _add_compare, _add_export):
+    for add in (_add_train, _add_infer, _add_list, _add_evaluate, _add_report, _add_predict, _add_compare, _add_export):
         add(sub)
     for child in sub.choices.values():  # `ray-fer train -v` as well as `ray-fer -v train`
         child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
@@ -196,13 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(func: Callable[[], dict[str, Any]], prog: str = "ray-fer") -> int:
     """Call `func`, print its summary as one JSON line; user errors become one line and exit 2."""
+    error: UserError | None = None
     try:
         summary = func()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
+        error = e
+    finally:  # before the last line: logs that workers still forward (a second predictor's) come first
         _flush_ray_logs()
+    if error is not None:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary), flush=True)
     return 0
 

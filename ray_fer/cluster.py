@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ray_fer import storage
-from ray_fer.config import ConfigError
+from ray_fer.config import ConfigError, UserError
 
 
 _private_instance = False  # this process started the Ray it runs on (set by connect)
@@ -53,3 +53,52 @@ def refuse_local_paths(paths: dict[str, str], *, shared: bool = False, fix: str 
         f"{name} {path!r} is local, but the cluster has {nodes} nodes: files on one node are invisible "
         f"to the others. Use s3://BUCKET/PREFIX{fix}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Small jobs beside the pipeline: Ray tasks when Ray runs, plain calls when it does not
+
+
+def submit(fn: Any, *args: Any, num_returns: int = 1, num_cpus: float = 0.25) -> Any:
+    """`fn(*args)` as a Ray task (ObjectRefs as arguments are resolved by Ray; returns the task's
+    ref, or refs with `num_returns` > 1), or a plain call where this process runs no Ray (the
+    output protocol's own tests), returning the values themselves. `fetch` takes either."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return _remote(fn, num_returns, num_cpus).remote(*args)
+    return fn(*args)
+
+
+def fetch(refs: Any) -> Any:
+    """The values of what `submit` returned (a ref, a list of refs, or plain values). A task
+    that failed with a UserError (a bad manifest, say) raises that error itself: one line."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return refs
+    import ray
+
+    if not (isinstance(refs, ray.ObjectRef) or (isinstance(refs, list) and refs and isinstance(refs[0], ray.ObjectRef))):
+        return refs
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+
+
+_REMOTES: dict[tuple[Any, int, float], Any] = {}
+
+
+def _remote(fn: Any, num_returns: int, num_cpus: float) -> Any:
+    import ray
+
+    key = (fn, num_returns, num_cpus)
+    if key not in _REMOTES:  # registered once per process, not per call
+        _REMOTES[key] = ray.remote(num_returns=num_returns, num_cpus=num_cpus, max_retries=3)(fn)
+    return _REMOTES[key]

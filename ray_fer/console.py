@@ -167,7 +167,8 @@ class Progress:
 
     On a terminal one line is redrawn in place (at most every `interval` s); elsewhere (a job
     log, a pipe) a line is printed every `log_every` s, so logs stay short. `close()` prints the
-    final line. Counts are clamped to the total: a retried task may report its rows twice.
+    final line. Counts are clamped to the total: a retried task may report its rows twice. The
+    total may grow (`update(done, total)`): a streamed listing finds its files as the job runs.
     """
 
     def __init__(self, total: int, *, what: str = "images", stream: TextIO | None = None,
@@ -179,7 +180,9 @@ class Progress:
         self.done = 0
         self.started = self.shown = time.monotonic()
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = max(total, self.total)
         self.done = min(max(done, self.done), self.total)
         now = time.monotonic()
         if now - self.shown >= self.interval:
@@ -220,10 +223,15 @@ class RayCounter:
     """A count that Ray tasks add to and the driver reads: the rows a pipeline has finished.
 
     A zero-CPU actor, so it fits on any cluster; tasks call `add.remote(n)` without waiting.
+    `actor` reuses an actor that has `add(n)` and `get()` (one process fewer to start).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, actor: Any = None) -> None:
         import ray
+
+        if actor is not None:
+            self.actor = actor
+            return
 
         @ray.remote(num_cpus=0)
         class _Count:
@@ -238,21 +246,23 @@ class RayCounter:
 
         self.actor = _Count.remote()
 
-    def watch(self, progress: Progress, every: float = 0.5) -> "_Watcher":
-        """A context manager that feeds `progress` from this count while its block runs."""
-        return _Watcher(self.actor, progress, every)
+    def watch(self, progress: Progress, every: float = 0.5, total: Any = None) -> "_Watcher":
+        """A context manager that feeds `progress` from this count while its block runs;
+        `total`, a function, gives the total as it grows."""
+        return _Watcher(self.actor, progress, every, total)
 
 
 class _Watcher:
-    def __init__(self, actor: Any, progress: Progress, every: float) -> None:
-        self.actor, self.progress, self.every = actor, progress, every
+    def __init__(self, actor: Any, progress: Progress, every: float, total: Any = None) -> None:
+        self.actor, self.progress, self.every, self.total = actor, progress, every, total
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ray-fer-progress", daemon=True)
 
     def _read(self) -> None:
         import ray
 
-        self.progress.update(ray.get(self.actor.get.remote(), timeout=30))
+        total = self.total() if self.total is not None else None
+        self.progress.update(ray.get(self.actor.get.remote(), timeout=30), total)
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):

@@ -1,8 +1,10 @@
 """Ray Datasets from image folders: list (path, label), read bytes, decode to uint8 arrays.
 
 An image folder is `<root>/<class>/**/<image>` with the seven expression names as class folders
-(matched case-insensitively). Listing happens on the driver and fails fast with a clear error;
-reading and decoding run as Ray Data tasks in batches (much faster than `read_images` on small files).
+(matched case-insensitively). A labelled folder is listed on the driver and fails fast with a
+clear error (training and evaluation sets: thousands to a few million files); labelling streams
+its inputs from listing tasks instead (inputs.py). Reading and decoding run as Ray Data tasks in
+batches (much faster than `read_images` on small files).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: photos take ~20 ms each
+PHOTO_DECODE_BATCH = 64  # most files per decode task of a streamed input when faces are detected (~1.3 s)
 PHOTO_BLOCK_BYTES = 32 * 1024**2  # decoded photos per output block of a decode task: ~16 1280x960 photos
 AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
 PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")
@@ -169,34 +172,43 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
         yield block()
 
 
-def decoded_dataset(table: pa.Table, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
-                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640):
-    """The lazy read-and-decode stage over a table with a `path` column, adding `image` (uint8),
-    `width`, `height` and `error` (see `decode_batch`); one row per input row, other columns kept.
-    With `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
+def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
+                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640, tally: Any = None):
+    """The lazy read-and-decode stage over a `path` column, adding `image` (uint8), `width`,
+    `height` and `error` (see `decode_batch`); one row per input row, other columns kept. With
+    `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
 
-    The table is split evenly into CPU tasks of at most `decode_batch_size` files, and into at
-    least one task per cluster CPU while each still gets MIN_DECODE_BATCH files (with faces,
-    MIN_PHOTO_DECODE_BATCH), so a store of big photos keeps every CPU busy.
+    `source` is a Ray Dataset (a listing or a manifest, streamed: one decode task per block, so
+    its blocks should be made about `decode_batch_size` rows, see `inputs.blocks_of`) or a
+    pyarrow Table (a labelled folder for evaluation: split evenly into tasks of at most
+    `decode_batch_size` files and at least one per cluster CPU while each still gets
+    MIN_DECODE_BATCH files, with faces MIN_PHOTO_DECODE_BATCH). `tally` (a `pathsets.Tally`
+    actor) is told the digest of every block that reaches the decode tasks, as "todo".
     """
     import ray
     import ray.data
 
     photos = faces != "whole"
-    fewest = MIN_PHOTO_DECODE_BATCH if photos else MIN_DECODE_BATCH
-    n = table.num_rows
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    tasks = max(-(-n // decode_batch_size), min(cpus, n // fewest), 1)
-    bounds = [i * n // tasks for i in range(tasks + 1)]
-    # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
-    slices = [table.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+    if isinstance(source, pa.Table):
+        fewest = MIN_PHOTO_DECODE_BATCH if photos else MIN_DECODE_BATCH
+        n = source.num_rows
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+        tasks = max(-(-n // decode_batch_size), min(cpus, n // fewest), 1)
+        bounds = [i * n // tasks for i in range(tasks + 1)]
+        # one input block per task, and batch_size=None so that Ray Data neither splits nor bundles them
+        ds = ray.data.from_arrow([source.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])])
+    else:
+        ds = source
+    if tally is not None:  # same resources as the decode stage: Ray Data runs both in one task
+        from ray_fer.pathsets import tally_block
+
+        ds = ds.map_batches(tally_block, fn_kwargs={"tally": tally, "name": "todo"}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=num_cpus)
     if photos:
         fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces}
     else:
         fn, kwargs = decode_batch, {"decode_size": decode_size}
-    return ray.data.from_arrow(slices).map_batches(
-        fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
-    )
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=num_cpus)
 
 
 EXAMPLES = 5  # undecodable files named in the warning; the rest are counted

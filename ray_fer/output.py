@@ -21,11 +21,14 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     crashed job's work is not lost) and this run's commit moves them in.
  3. plans: a non-empty output is refused without --overwrite or --skip-existing; --overwrite
     will replace every top-level file; --skip-existing keeps the rows there except read errors
-    and repeated paths, whose files are rewritten into `kept/`.
+    and repeated paths, whose files are rewritten into `kept/` (resume.py: Ray tasks, sorted
+    128-bit keys, nothing held on the driver).
  4. labels into `_staging-<run id>/new/`. The top level is untouched, so the previous output and
     its `_SUCCESS` stay readable throughout.
  5. checks: the staged rows hold each path to label exactly once (with faces: exactly one first
-    row, `face` 0 or null, per path), and nothing else.
+    row, `face` 0 or null, per path), and nothing else: the order-free digest of their first
+    rows' paths (pathsets.py), summed by one Ray task per file, equals the digest of the paths
+    the pipeline was given. Counts come from the files' footers where they suffice.
  6. renews the lease: a run that lost it to another commits nothing.
  7. writes `_staging-<run id>/_COMMIT`, one atomic write naming the files to delete, the files
     to move and the new `_SUCCESS`: the commit point.
@@ -34,30 +37,28 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
  9. releases the lease.
 
 A crash before 7 leaves the previous output as it was; a crash during 8 leaves no `_SUCCESS`,
-and the next run on the output, whatever its flags, rolls `_COMMIT` forward before anything else.
+and the next run on the output, whatever its flags, rolls `_COMMIT` forward before anything else
+(journal.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_fer import storage
+from ray_fer import cluster, journal, pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.data import READ_ERROR_PREFIX
+from ray_fer.journal import COMMIT_FILE, STAGING_PREFIX, SUCCESS_FILE  # noqa: F401 - the protocol's names
 from ray_fer.lease import LEASE_FILE, Lease, new_run_id
+from ray_fer.pathsets import Digest
+from ray_fer.resume import ResumeError, plan_resume
 
 log = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS"  # JSON written last: a reader can tell a finished output from a crashed one
-STAGING_PREFIX = "_staging-"  # + run id: a run's files until its commit
-COMMIT_FILE = "_COMMIT"  # in the staging folder: the journal whose write commits the run
 ROWS_PER_FILE = 100_000  # target rows per Parquet file: few files, each small enough to stream
 
 
@@ -114,10 +115,11 @@ def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.
 class OutputRun:
     """One run's hold on an output, as a context manager around the labelling.
 
-    On entry: checks the output, takes the lease, finishes dead runs' commits, and plans: `done`
-    holds the paths whose rows stay. The run writes its rows into `new_dir`, then `check()`s them
-    and `commit()`s. On exit without a commit the staging folder is deleted and the previous
-    output stays as it was; the lease is released either way.
+    On entry: checks the output, takes the lease, finishes dead runs' commits, and plans: under
+    --skip-existing, `done` holds the sorted keys of the paths whose rows stay (for
+    `resume.drop_done`) and `done_count` their number. The run writes its rows into `new_dir`,
+    then `check()`s them and `commit()`s. On exit without a commit the staging folder is deleted
+    and the previous output stays as it was; the lease is released either way.
     """
 
     def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str, faces: bool = False) -> None:
@@ -129,7 +131,8 @@ class OutputRun:
         self.run_id = new_run_id()
         self.staging = storage.join(dst, STAGING_PREFIX + self.run_id)
         self.new_dir = storage.join(self.staging, "new")
-        self.done: pa.Array = pa.array([], pa.string())  # paths labelled before, whose rows stay
+        self.done: Any = None  # sorted keys of the paths labelled before, whose rows stay (or None)
+        self.done_count = 0  # how many paths that is
         self._keep: list[str] = []  # top-level Parquet files that stay as they are
         self._replace: list[str] = []  # top-level files the commit deletes
         self._kept: list[str] = []  # staged copies of old files less their dropped rows
@@ -144,7 +147,7 @@ class OutputRun:
         _check_location(self.dst)
         self.lease = Lease.acquire(self.dst, self.run_id)
         try:
-            self._salvaged, self._dead = recover(self.dst, salvage=self.skip_existing)
+            self._salvaged, self._dead = journal.recover(self.dst, salvage=self.skip_existing)
             self._plan()
         except BaseException:
             self._close()
@@ -186,100 +189,44 @@ class OutputRun:
             log.info("--overwrite: the %d files in %s are replaced once the new rows are complete",
                      len(self._replace), self.dst)
             return
-        self._scan([uri for uri, is_dir in entries if not is_dir and uri.endswith(".parquet")] + self._salvaged)
+        old = sorted(uri for uri, is_dir in entries if not is_dir and uri.endswith(".parquet"))
+        try:
+            plan = plan_resume(self.dst, old + self._salvaged, salvaged=set(self._salvaged), faces=self.faces,
+                               model_id=self.model_id, kept_dir=storage.join(self.staging, "kept"))
+        except ResumeError as e:
+            raise OutputError(str(e)) from None
+        self._keep, self._adopted, self._kept = plan.keep, plan.adopted, plan.kept
+        self._replace = plan.replace
+        self.done, self.done_count = plan.done, plan.done_count
 
-    def _scan(self, files: list[str]) -> None:
-        """--skip-existing: the paths whose rows stay, and which old files stay as they are.
-
-        `files` are the top-level files, then those salvaged from dead runs: a path's first row
-        wins, so an old row beats a salvaged one for the same image."""
-        parts = self._read_old(files)
-        if not parts:
-            return
-        models = {m for _, t in parts for m in pc.unique(t["model"]).to_pylist() if m is not None}
-        others = models - {self.model_id}
-        if others:
-            raise OutputError(f"output {self.dst!r} was labelled by model {sorted(others)[0]}, not {self.model_id}; "
-                              "pass the same --model to resume, or --overwrite to relabel everything")
-        paths = pa.concat_arrays([t["path"].combine_chunks() for _, t in parts])
-        errors = pa.concat_arrays([t["error"].combine_chunks() if "error" in t.column_names
-                                   else pa.nulls(t.num_rows, pa.string()) for _, t in parts])
-        faces = pa.concat_arrays([t["face"].combine_chunks() for _, t in parts]) if self.faces else None
-        keep = _rows_to_keep(paths, errors, faces)
-        self.done = pc.unique(paths.filter(pa.array(keep)))
-        start = 0
-        for uri, table in parts:
-            mask = keep[start:start + table.num_rows]
-            start += table.num_rows
-            salvaged = uri in self._salvaged
-            if mask.all():
-                (self._adopted if salvaged else self._keep).append(uri)
-            else:
-                self._rewrite(uri, mask, replace=not salvaged)
-
-    def _read_old(self, files: list[str]) -> list[tuple[str, pa.Table]]:
-        """The path, model (and error) columns of the old files; unreadable ones are to be replaced."""
-        import pyarrow.parquet as pq
-
-        parts = []
-        for uri in files:
-            fs, path = storage.filesystem(uri)
-            try:
-                names = pq.read_schema(path, filesystem=fs).names
-            except pa.ArrowInvalid as e:  # not OSError: a network error must not drop any rows
-                log.warning("%s is not a readable Parquet file (%s), left by a crashed write: it is deleted at "
-                            "the commit and its images labelled again", uri, storage.short_error(e))
-                if uri not in self._salvaged:  # those go with their dead run's folder
-                    self._replace.append(uri)
-                continue
-            if "path" not in names or "model" not in names:
-                raise OutputError(f"{uri!r} is not a ray-fer output file (no path and model columns); "
-                                  "--skip-existing resumes a labelled output: pick another --output")
-            if ("face" in names) != self.faces:
-                was, now = ("detect/auto", "whole") if "face" in names else ("whole", "detect/auto")
-                raise OutputError(f"output {self.dst!r} was labelled with --faces {was} (e.g. {uri!r}), not {now}; "
-                                  "pass the same --faces to resume, or --overwrite to relabel everything")
-            columns = ["path", "model"] + (["error"] if "error" in names else []) + (["face"] if self.faces else [])
-            parts.append((uri, pq.read_table(path, columns=columns, filesystem=fs)))
-        return parts
-
-    def _rewrite(self, uri: str, mask: np.ndarray, *, replace: bool = True) -> None:
-        """Stage a copy of an old file without the rows labelled again; with `replace` the commit
-        deletes the original (a top-level file)."""
-        import pyarrow.parquet as pq
-
-        fs, path = storage.filesystem(uri)
-        rows = pq.read_table(path, filesystem=fs).filter(pa.array(mask))
-        if rows.num_rows:
-            copy = storage.join(self.staging, "kept", f"{len(self._kept):06d}.parquet")
-            copy_fs, copy_path = storage.filesystem(copy)
-            copy_fs.create_dir(copy_path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(rows, copy_path, filesystem=copy_fs)
-            self._kept.append(copy)
-        if replace:
-            self._replace.append(uri)
+    def done_paths(self) -> list[str]:
+        """The paths whose rows stay, read back on the driver: for tests and small outputs."""
+        files = self._keep + self._kept + self._adopted
+        return sorted(set(p for uri in files for p in _first_paths(uri, self.faces).to_pylist()))
 
     # -- check and commit -------------------------------------------------------------------
 
-    def check(self, todo: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
-        """Check the staged rows against the paths this run labelled; returns the output's counts
+    def check(self, todo: Digest | pa.Array | pa.ChunkedArray | list[str]) -> dict[str, Any]:
+        """Check the staged rows against the paths this run labelled (`todo`: their Digest, as
+        the pipeline's Tally summed it, or the paths themselves); returns the output's counts
         after the commit (images, labelled, errors, files; with faces also faces and no_face).
         OutputError when they do not match."""
-        new = _parquet_files(self.new_dir)
-        paths, firsts = _read_paths(new, faces=self.faces)  # firsts: each file's first (or only) row
-        distinct = pc.count_distinct(paths).as_py() if len(paths) else 0
-        known = int(pc.sum(pc.is_in(firsts, value_set=todo)).as_py() or 0)  # None when there are no rows
-        if not len(firsts) == distinct == known == len(todo):
+        if not isinstance(todo, Digest):
+            todo = Digest.of_paths(todo)
+        new = journal.parquet_files(self.new_dir)
+        staged = count_files(new, faces=self.faces, digest=True)
+        if staged["digest"] != todo:
+            distinct = staged["images"] - cluster.fetch(cluster.submit(_repeats_in, new, self.faces))
             expected = "rows for" if self.faces else "one row for"
-            raise OutputError(f"run {self.run_id} wrote {len(paths)} rows for {distinct} distinct paths ({known} of "
-                              f"them asked for), expected {expected} each of the {len(todo)} images to label; "
-                              f"nothing was committed, {self.dst!r} is as it was: run again")
-        old = _count_files(self._keep + self._kept + self._adopted, faces=self.faces)
-        if old["images"] != len(self.done):
+            raise OutputError(f"run {self.run_id} wrote {staged['rows']} rows for {distinct} distinct paths, "
+                              f"expected {expected} each of the {todo.count} images to label; nothing was "
+                              f"committed, {self.dst!r} is as it was: run again")
+        old = count_files(self._keep + self._kept + self._adopted, faces=self.faces)
+        if old["images"] != self.done_count:
             raise OutputError(f"output {self.dst!r} changed during run {self.run_id} ({old['images']} old rows kept, "
-                              f"expected {len(self.done)}); nothing was committed: make sure only one job labels "
+                              f"expected {self.done_count}); nothing was committed: make sure only one job labels "
                               "into it, then run again with --skip-existing")
-        counts = _count_files(self._keep + self._kept + self._adopted + new, faces=self.faces)
+        counts = {k: old[k] + staged[k] for k in old if k not in ("digest", "rows")}
         self._files = sorted([storage.basename(f) for f in self._keep] + [name for _, name in self._moves(new)])
         return counts | {"files": self._files}
 
@@ -293,9 +240,9 @@ class OutputRun:
 
     def commit(self, success: dict[str, Any]) -> None:
         """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-8)."""
-        journal = self._write_journal(success)
+        record = self._write_journal(success)
         try:
-            _apply(self.dst, self.staging, journal)
+            journal.apply(self.dst, self.staging, record)
         except Exception as e:  # noqa: BLE001 - any store error: the journal lets the next run finish
             raise OutputError(f"the commit of run {self.run_id} into {self.dst!r} stopped half-way "
                               f"({storage.short_error(e)}); the output has no {SUCCESS_FILE} until the next "
@@ -311,58 +258,80 @@ class OutputRun:
         except Exception as e:  # noqa: BLE001 - without a renewed lease there is no commit
             raise OutputError(f"cannot renew the lease on {self.dst!r} ({storage.short_error(e)}), so run "
                               f"{self.run_id} commits nothing: run again with --skip-existing") from e
-        journal = {"run_id": self.run_id, "delete": [storage.basename(f) for f in self._replace],
-                   "move": self._moves(_parquet_files(self.new_dir)),
-                   "drop": [storage.basename(f) for f in self._dead],
-                   "success": success | {"run_id": self.run_id, "files": self._files}}
-        storage.write_bytes(storage.join(self.staging, COMMIT_FILE), json.dumps(journal, indent=2).encode())
+        record = {"run_id": self.run_id, "delete": [storage.basename(f) for f in self._replace],
+                  "move": self._moves(journal.parquet_files(self.new_dir)),
+                  "drop": [storage.basename(f) for f in self._dead],
+                  "success": success | {"run_id": self.run_id, "files": self._files}}
+        journal.write_journal(self.staging, record)
         self._journal_written = True
-        return journal
+        return record
 
 
-def _apply(dst: str, staging: str, journal: dict[str, Any]) -> None:
-    """Carry out a commit journal; safe to repeat after a crash at any point."""
-    if _success_run_id(dst) != journal["run_id"]:
-        _delete_if_present(storage.join(dst, SUCCESS_FILE))  # first: from here on the output is unfinished
-        for name in journal["delete"]:
-            _delete_if_present(storage.join(dst, name))
-        for src, name in journal["move"]:
-            src_uri = storage.join(dst, src)
-            if storage.exists(src_uri):  # else moved before the crash
-                fs, src_path = storage.filesystem(src_uri)
-                fs.move(src_path, storage.filesystem(storage.join(dst, name))[1])
-        write_success(dst, journal["success"])
-    for folder in journal.get("drop", []):  # dead runs whose files this commit adopted
-        storage.delete_dir(storage.join(dst, folder))
-    storage.delete_dir(staging)
+# --------------------------------------------------------------------------------------------
+# Counting the rows of many files: one Ray task per file, footers where they suffice
 
 
-def recover(dst: str, *, salvage: bool = False) -> tuple[list[str], list[str]]:
-    """Finish the commits that dead runs began. The staging folders of those that had not are
-    deleted, or with `salvage` (--skip-existing) kept: returns (the Parquet files they staged,
-    their folders), whose rows the run may adopt, so that a crashed job's work is not lost.
+def count_files(files: list[str], *, faces: bool = False, digest: bool = False) -> dict[str, Any]:
+    """Rows, images (files described: one row each, or with faces each file's first row),
+    labelled and errors in Parquet files; with faces also `faces` (rows with a face) and
+    `no_face` (files read fine in which no face was found); with `digest` the Digest of the
+    first rows' paths. One Ray task per file (where Ray runs), summed here."""
+    parts = cluster.fetch([cluster.submit(file_counts, uri, faces, digest) for uri in files])
+    keys = ("rows", "images", "labelled", "errors") + (("faces", "no_face") if faces else ())
+    out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in keys}
+    if digest:
+        out["digest"] = pathsets.total(p["digest"] for p in parts)
+    return out
 
-    Call only while holding the lease: a live run's staging folder would be deleted."""
-    salvaged: list[str] = []
-    dead: list[str] = []
-    for uri, is_dir in _list_dir(dst):
-        if not (is_dir and storage.basename(uri).startswith(STAGING_PREFIX)):
-            continue
-        journal_uri = storage.join(uri, COMMIT_FILE)
-        if storage.exists(journal_uri):
-            journal = json.loads(storage.read_bytes(journal_uri))
-            log.warning("finishing the commit of run %s into %s, which stopped half-way", journal["run_id"], dst)
-            _apply(dst, uri, journal)
-        elif salvage:
-            files = _parquet_files(storage.join(uri, "new"))
-            log.warning("keeping the %d files that %s, a run that ended before its commit, had written",
-                        len(files), uri)
-            salvaged += files
-            dead.append(uri)
-        else:
-            log.warning("deleting %s: the files of a run that ended before its commit", uri)
-            storage.delete_dir(uri)
-    return salvaged, dead
+
+def file_counts(uri: str, faces: bool, digest: bool) -> dict[str, Any]:
+    """The figures of `count_files` for one file: from its footer (whole images, no digest) when
+    the `error` column has statistics, else from its columns."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    if not faces and not digest:
+        meta = pq.read_metadata(path, filesystem=fs)
+        col = meta.schema.names.index("error")
+        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+        stats = [g.column(col).statistics for g in groups]
+        if all(s is not None and s.has_null_count for s in stats):
+            errors = sum(g.num_rows - s.null_count for g, s in zip(groups, stats))
+            return {"rows": meta.num_rows, "images": meta.num_rows, "labelled": meta.num_rows - errors,
+                    "errors": errors}
+    columns = ["error"] + (["face"] if faces else []) + (["path"] if digest else [])
+    table = pq.read_table(path, columns=columns, filesystem=fs)
+    first = pc.fill_null(pc.equal(table["face"], 0), True) if faces else None
+    images = files_in(table)
+    errors = table["error"].drop_null().length()
+    out: dict[str, Any] = {"rows": table.num_rows, "images": images, "errors": errors}
+    if faces:
+        found = table["face"].drop_null().length()
+        no_face = table.num_rows - found - errors
+        out |= {"labelled": images - errors - no_face, "faces": found, "no_face": no_face}
+    else:
+        out["labelled"] = images - errors
+    if digest:
+        paths = table["path"].filter(first) if faces else table["path"]
+        out["digest"] = Digest.of(pathsets.keys_of(paths))
+    return out
+
+
+def _first_paths(uri: str, faces: bool) -> pa.Array:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    table = pq.read_table(path, columns=["path", "face"] if faces else ["path"], filesystem=fs)
+    paths = table["path"].combine_chunks().cast(pa.string())
+    return paths.filter(pc.fill_null(pc.equal(table["face"], 0), True)) if faces else paths
+
+
+def _repeats_in(files: list[str], faces: bool) -> int:
+    """How many first rows of these files repeat a path (to say what went wrong)."""
+    import numpy as np
+
+    parts = [(pathsets.keys_of(p), np.zeros(len(p), np.int64)) for p in (_first_paths(f, faces) for f in files)]
+    return pathsets.find_repeats(*parts)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,116 +354,12 @@ def _under(dst: str, uri: str) -> str:
     return path[len(root):]
 
 
-def _list_dir(dst: str) -> list[tuple[str, bool]]:
-    try:
-        return storage.list_dir(dst)
-    except FileNotFoundError:
-        return []
-
-
 def _top_level(dst: str) -> list[tuple[str, bool]]:
     """The output's top-level (uri, is_dir) but for the lease and the staging folders."""
-    return [(uri, is_dir) for uri, is_dir in _list_dir(dst)
+    return [(uri, is_dir) for uri, is_dir in journal.list_dir(dst)
             if not storage.basename(uri).startswith(STAGING_PREFIX if is_dir else LEASE_FILE)]
-
-
-def _parquet_files(folder: str) -> list[str]:
-    try:
-        return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
-    except FileNotFoundError:
-        return []
 
 
 def _is_ours(uri: str) -> bool:
     name = storage.basename(uri)
     return name.endswith(".parquet") or name == SUCCESS_FILE or ".tmp-" in name
-
-
-def _delete_if_present(uri: str) -> None:
-    if storage.exists(uri):
-        storage.delete_file(uri)
-
-
-def _success_run_id(dst: str) -> str | None:
-    uri = storage.join(dst, SUCCESS_FILE)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_bytes(uri)).get("run_id")
-    except ValueError:
-        return None
-
-
-def _rows_to_keep(paths: pa.Array, errors: pa.Array, faces: pa.Array | None = None) -> np.ndarray:
-    """Which old rows stay under --skip-existing: not read errors, and the first row of each path
-    (with `faces`, of each path and face).
-
-    A read error ("cannot read file: ...") says nothing about the image, so it is labelled again;
-    content errors (empty file, not an image) stay. Repeated paths come from older versions,
-    which let two runs write one output."""
-    read_error = pc.fill_null(pc.starts_with(errors, READ_ERROR_PREFIX), False).to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(~read_error)
-    if faces is not None:
-        paths = pc.binary_join_element_wise(paths, pc.cast(pc.fill_null(faces, -1), pa.string()), "\x00")
-    among = paths.take(pa.array(candidates))
-    first = pc.index_in(pc.unique(among), value_set=among).to_numpy()
-    keep = np.zeros(len(paths), dtype=bool)
-    keep[candidates[first]] = True
-    if read_error.any():
-        log.info("--skip-existing: %d rows with a read error are labelled again", int(read_error.sum()))
-    repeated = len(candidates) - len(first)
-    if repeated:
-        log.warning("--skip-existing: dropping %d repeated rows (left by two runs on one output)", repeated)
-    return keep
-
-
-def _read_paths(files: list[str], *, faces: bool = False) -> tuple[pa.Array, pa.Array]:
-    """The `path` of every row, and of each file's first row: every row, or with `faces` the rows
-    whose `face` is 0 or null."""
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p, columns=["path", "face"] if faces else ["path"], filesystem=fs)
-              for fs, p in map(storage.filesystem, files)]
-    if not tables:
-        return pa.array([], pa.string()), pa.array([], pa.string())
-    table = pa.concat_tables(tables)
-    paths = table["path"].combine_chunks().cast(pa.string())
-    if not faces:
-        return paths, paths
-    first = pc.fill_null(pc.equal(table["face"].combine_chunks(), 0), True)
-    return paths, paths.filter(first)
-
-
-def _count_files(files: list[str], *, faces: bool = False) -> dict[str, int]:
-    """Files (images), labelled and errors in Parquet files, read from their footers where they
-    have statistics; with `faces` from the `face` and `error` columns, plus `faces` (rows with a
-    face) and `no_face` (files read fine in which no face was found)."""
-    import pyarrow.parquet as pq
-
-    if faces:
-        parts = [pq.read_table(p, columns=["face", "error"], filesystem=fs) for fs, p in map(storage.filesystem, files)]
-        table = pa.concat_tables(parts) if parts else pa.table({"face": pa.array([], pa.int32()),
-                                                                "error": pa.array([], pa.string())})
-        images, found = files_in(table), table["face"].drop_null().length()
-        errors = table["error"].drop_null().length()
-        no_face = table.num_rows - found - errors
-        return {"images": images, "labelled": images - errors - no_face, "errors": errors, "faces": found,
-                "no_face": no_face}
-    rows = errors = 0
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        meta = pq.read_metadata(path, filesystem=fs)
-        col = meta.schema.names.index("error")
-        rows += meta.num_rows
-        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-        stats = [g.column(col).statistics for g in groups]
-        if all(s is not None and s.has_null_count for s in stats):
-            errors += sum(g.num_rows - s.null_count for g, s in zip(groups, stats))
-        else:  # no statistics: read the one column
-            errors += pq.read_table(path, columns=["error"], filesystem=fs)["error"].drop_null().length()
-    return {"images": rows, "labelled": rows - errors, "errors": errors}
-
-
-def write_success(dst: str, summary: dict[str, Any]) -> None:
-    """Mark the output finished: `_SUCCESS` holds the run's summary. Written last."""
-    storage.write_bytes(storage.join(dst, SUCCESS_FILE), json.dumps(summary, indent=2).encode())

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # also keeps Ray from fusing the decode tasks into the actors, which it does when the two stages
 # ask for the same resources (ray-project/ray#54433): decoding must stay on its own CPU tasks.
 PREDICTOR_MEMORY = 2 * 1024**3
+DECODE_SHARE = 0.1  # CPUs kept for decode tasks and the write stage beside CPU predictor actors
 PREDICTION_COLUMNS = ("label", "confidence")  # plus prob_<class>, error and model; see Predictor
 
 
@@ -46,6 +47,7 @@ FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 un
 # trained models (weak models have the most near-ties): bf16 alone agreed with fp32 on 99.05-99.64%
 # of the labels; with this re-check on 99.92-100%, re-computing 2.5-20% of the rows (~10% slower).
 NEAR_TIE = 0.002
+CPU_CHUNK = 128  # rows per model call on CPU (a predictor batch holds several)
 
 
 class PlanError(UserError):
@@ -65,18 +67,38 @@ def predict_probs(
     tta: str = "none",
     autocast_dtype: torch.dtype | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Class probabilities, float32 (B, num_classes) on the model's device, of uint8 faces (B, S, S).
 
     The pixels move to the model's device first (pin them for a non-blocking copy), so resizing
     and normalising by `preset` (the bundle's EvalPreset) happen there. With a TTA mode the
-    probabilities are averaged over `images.tta_views`. `autocast_dtype` (bf16 / fp16) runs the
-    model under autocast, then re-computes in fp32 the rows whose top two classes are closer
-    than NEAR_TIE, where bf16's rounding could flip the label; the softmax is always float32. `forward` replaces
-    the autocast model call (a compiled `_forward` of the same model and dtype; see Predictor).
+    probabilities are averaged over `images.tta_views`. The model sees `chunk` rows at a time
+    (default: all). `autocast_dtype` (bf16 / fp16) runs the model under autocast, then
+    re-computes in fp32, in one more pass over all chunks, the rows whose top two classes are
+    closer than NEAR_TIE, where bf16's rounding could flip the label: a batch of several chunks
+    pays for one such call, not one per chunk. The softmax is always float32. `forward` replaces
+    the autocast model call (a compiled `_forward` of the same model and dtype, for `chunk` rows;
+    see Predictor).
     """
     device = next(model.parameters()).device
     pixels = pixels_uint8.to(device, non_blocking=True)
+    step = chunk or max(len(pixels), 1)
+    probs = torch.cat([_probs(model, preset, pixels[i:i + step], tta, autocast_dtype, forward)
+                       for i in range(0, len(pixels), step)]) if len(pixels) else \
+        _probs(model, preset, pixels, tta, autocast_dtype, forward)
+    if autocast_dtype is not None and probs.shape[1] > 1:
+        top2 = probs.topk(2, dim=1).values
+        near = (top2[:, 0] - top2[:, 1]) < NEAR_TIE
+        if near.any():
+            with exact_fp32(device):
+                probs[near] = predict_probs(model, preset, pixels[near], tta=tta, chunk=chunk)
+    return probs
+
+
+def _probs(model: torch.nn.Module, preset: EvalPreset, pixels: torch.Tensor, tta: str,
+           autocast_dtype: torch.dtype | None, forward: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Probabilities of one chunk, averaged over its test-time views."""
     total: torch.Tensor | None = None
     views = tta_views(pixels, tta)
     for view in views:
@@ -85,14 +107,7 @@ def predict_probs(
         probs = torch.softmax(logits.float(), dim=1)
         total = probs if total is None else total + probs
     assert total is not None
-    probs = total / len(views)
-    if autocast_dtype is not None and probs.shape[1] > 1:
-        top2 = probs.topk(2, dim=1).values
-        near = (top2[:, 0] - top2[:, 1]) < NEAR_TIE
-        if near.any():
-            with exact_fp32(device):
-                probs[near] = predict_probs(model, preset, pixels[near], tta=tta)
-    return probs
+    return total / len(views)
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
@@ -148,8 +163,12 @@ class Predictor:
     bundle's identity). Rows with an error get null label, confidence and probabilities, and
     never reach the model. The `image` column is consumed.
 
-    With `compile`, the model call is `torch.compile`d at construction for batches of exactly
-    `batch_size` (shorter batches are padded with blank faces, so it never recompiles; if
+    The model sees `chunk` rows per call (default: CPU_CHUNK on CPU, where small calls keep the
+    activations in cache, the whole batch on a GPU); under bf16 a batch's near-ties then go
+    through the fp32 model in one more call, however many chunks it has.
+
+    With `compile`, the model call is `torch.compile`d at construction for calls of exactly
+    `chunk` rows (shorter ones are padded with blank faces, so it never recompiles; if
     compiling fails, a warning says why and the eager model is used). On a
     2-core CPU the first compilation on a machine takes about a minute (inductor caches it on
     disk: later actors take seconds); the model call is then 1.15-1.4x faster (measured in
@@ -167,6 +186,7 @@ class Predictor:
         threads: int | None = None,
         compile: bool = False,
         batch_size: int = 128,
+        chunk: int | None = None,
     ) -> None:
         import ray
 
@@ -190,6 +210,7 @@ class Predictor:
         self.decode_size = model.decode_size
         self.tta = tta
         self.batch_size = batch_size
+        self.chunk = chunk or (batch_size if self.device.type == "cuda" else min(batch_size, CPU_CHUNK))
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         if compile:
             self._compile(model.decode_size)
@@ -197,13 +218,13 @@ class Predictor:
                  model_id, self.device, self.autocast, tta, torch.get_num_threads(), ", compiled" if compile else "")
 
     def _compile(self, decode_size: int) -> None:
-        """torch.compile the model call for batches of batch_size; on failure (e.g. no C++
+        """torch.compile the model call for `chunk` rows; on failure (e.g. no C++
         compiler for inductor on this node) log why and keep the eager model: same labels."""
         started = time.perf_counter()
         self.forward = torch.compile(
             functools.partial(_forward, self.net, autocast_dtype=self.autocast), dynamic=False)
         try:  # compiles here, on a batch of blank faces, not in the middle of the first real batch
-            self._predict(np.zeros((self.batch_size, decode_size, decode_size), dtype=np.uint8))
+            self._predict(np.zeros((self.chunk, decode_size, decode_size), dtype=np.uint8))
         except Exception as e:  # noqa: BLE001 - inductor raises many types (missing compiler, ...)
             self.forward = None
             log.warning("compile=true failed, labelling with the eager model instead: %s",
@@ -214,17 +235,15 @@ class Predictor:
     def _predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (n, classes) of n >= 1 uint8 faces (n, S, S)."""
         n = len(pixels)
-        step = self.batch_size if self.forward is not None else n
-        if n % step:  # a compiled model sees full batches only: pad with blank faces
+        step = self.chunk
+        if self.forward is not None and n % step:  # a compiled model sees full chunks only: pad with blank faces
             pixels = np.concatenate([pixels, np.zeros((step - n % step, *pixels.shape[1:]), dtype=pixels.dtype)])
-        out = []
-        for i in range(0, len(pixels), step):
-            x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + step]))
-            if self.device.type == "cuda":
-                x = x.pin_memory()  # note: lets the host-to-device copy overlap
-            out.append(predict_probs(self.net, self.preset, x, tta=self.tta, autocast_dtype=self.autocast,
-                                     forward=self.forward).cpu().numpy())
-        return np.concatenate(out)[:n]
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # note: lets the host-to-device copy overlap
+        probs = predict_probs(self.net, self.preset, x, tta=self.tta, autocast_dtype=self.autocast,
+                              forward=self.forward, chunk=step)
+        return probs.cpu().numpy()[:n]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pixels = batch["image"]
@@ -324,20 +343,23 @@ def plan_predictors(
                              num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
                              memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
-    # CPU: the model costs ~10x the decode per image, so actors get the CPUs less one for decoding;
-    # on small machines the reservation is a scheduling share while the torch threads use every core.
-    usable = cpus - decode_cpus
-    n = actors or max(1, int(usable // 2) if usable >= 4 else 1)
-    threads = max(1, round(cpus / n)) if cpus <= 4 else max(1, int(usable // n))
-    # with faces the same shape (a pool of one actor per node would leave no node room for decode
-    # tasks on a cluster of 1-CPU nodes), smaller batches: decoded photos are larger than faces
-    return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=min(usable / n, float(threads)), num_gpus=0,
-                         threads=threads, batch_size=batch_size or (64 if faces else 128), tasks_in_flight=2,
-                         memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
+    # CPU: decoding a small face costs about a twentieth of the model's work for it (FER2013 on one
+    # core: ~15,000 decodes/s, ~600 model images/s), so decode tasks (a quarter CPU each) and the
+    # write stage share DECODE_SHARE of the CPUs (at least 0.75) and the actors the rest; their
+    # torch threads add up to the CPUs: one single-threaded actor per CPU on small machines (on
+    # 48-64 px faces processes scale better than threads), two threads each on larger ones. With
+    # faces the same shape, smaller batches: decoded photos are larger than faces. Each node of a
+    # cluster of 1-CPU nodes keeps 0.375 CPU beside its actor, room for a decode task.
+    headroom = max(0.75, DECODE_SHARE * cpus)
+    threads = max(1, round(cpus / actors)) if actors else (1 if cpus <= 4 else 2)
+    n = actors or max(1, round(cpus / threads))
+    return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=max(cpus - headroom, 0.25) / n, num_gpus=0,
+                         threads=threads, batch_size=batch_size or (64 if faces else 4 * CPU_CHUNK), tasks_in_flight=2,
+                         memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=0.25)
 
 
 def prediction_dataset(
-    table: pa.Table,
+    source: "pa.Table | ray.data.Dataset",
     model: str | ModelBundle,
     *,
     model_id: str | None = None,
@@ -350,24 +372,27 @@ def prediction_dataset(
     compile: bool = False,
     faces: str = "whole",
     detect_size: int = DETECT_SIZE,
+    tally: Any = None,
 ) -> "ray.data.Dataset":
-    """The lazy Ray Dataset of predictions for a table with a `path` column (local or s3://).
+    """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
+    (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
 
     `faces`: "whole" labels each file's whole image (one row per file); "detect" finds, aligns
     and labels every face (`face_predictor.FacePredictor`: one row per face, one for a file
     without a face or with an error); "auto" labels an image of at most `data.AUTO_WHOLE_SIDE`
     pixels whole (a face crop) and detects faces in the others.
 
-    Extra columns of `table` (e.g. a true label) are passed through. Stages: read and decode on
+    Extra columns of `source` (e.g. a true label) are passed through. Stages: read and decode on
     CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
-    actors sized by `plan_predictors`. Nothing runs until the dataset is consumed (write_parquet,
+    actors sized by `plan_predictors`. `tally` (a `pathsets.Tally` actor) is told the digest of
+    every block that reaches the decode tasks. Nothing runs until the dataset is consumed (write_parquet,
     iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
     With `compile` each actor torch.compiles its model once before its first batch.
     """
     import ray
 
-    if "path" not in table.column_names:
-        raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(table.column_names)}")
+    if isinstance(source, pa.Table) and "path" not in source.column_names:
+        raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(source.column_names)}")
     if isinstance(model, str):
         model, model_id = load_bundle(model)
     if model_id is None:
@@ -380,8 +405,8 @@ def prediction_dataset(
     pool = f"{plan.min_actors}-{plan.actors}" if plan.min_actors < plan.actors else str(plan.actors)
     log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(table, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
-                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size)
+    ds = decoded_dataset(source, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
+                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally)
     if photos:
         from ray_fer.face_predictor import FacePredictor
     return ds.map_batches(

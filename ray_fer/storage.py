@@ -161,19 +161,25 @@ def read_with_retries(uri: str, delays: tuple[float, ...] | None = None) -> byte
 
 @contextlib.contextmanager
 def stop_on_read_errors(advice: str) -> Iterator[None]:
-    """Turn a ReadError that stopped a Ray task into one line for the user: its message and `advice`.
+    """Turn a ReadError (or a manifest's InputError) that stopped a Ray task into one line for
+    the user: its message, and for a ReadError `advice`.
 
     Ray Data hands the driver the worker's traceback as text (RayTaskError), not the exception
     object, so the message is found in that text."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as e:  # noqa: BLE001 - anything Ray raises for a failed task
-        found = re.search(rf"{ReadError.__module__}\.ReadError: (.+)", str(e))
+        # Ray may raise the task's error as a RayTaskError that is also a ReadError: its text is
+        # the whole remote traceback, so it is taken apart like any other
+        from_ray = any(c.__name__ == "RayTaskError" for c in type(e).__mro__)
+        if isinstance(e, UserError) and not from_ray:
+            raise
+        found = re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
         if found is None:
             raise
-        raise ReadError(f"{found.group(1).strip()}. {advice}") from None
+        if found.group(1) == "InputError":
+            raise UserError(found.group(2).strip()) from None
+        raise ReadError(f"{found.group(2).strip()}. {advice}") from None
 
 
 def read_each(uris: list[str], threads: int = 16,
@@ -278,7 +284,8 @@ def short_error(e: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _s3_client() -> Any:
+def s3_client() -> Any:
+    """boto3's S3 client, one per process (conditional writes; paginated listings with ranges)."""
     import boto3  # pyarrow's S3 filesystem has no conditional writes
 
     return boto3.client("s3")  # reads AWS_ENDPOINT_URL and the credential chain, as pyarrow does
@@ -297,7 +304,7 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
 
         bucket, key = _bucket_key(uri)
         try:
-            answer = _s3_client().get_object(Bucket=bucket, Key=key)
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -322,7 +329,7 @@ def write_if_unchanged(uri: str, data: bytes, token: str | None) -> str | None:
         bucket, key = _bucket_key(uri)
         condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
         try:
-            return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
         except ClientError as e:  # 412: the condition failed; 409: a concurrent conditional write won
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return None

@@ -300,6 +300,31 @@ def test_skip_existing_labels_read_errors_again(ray_local, fer_root, random_bund
     assert rows[str(empty)]["error"] == "empty file"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_list_once_then_label_and_top_up_from_the_manifest(ray_local, fer_root, random_bundle, tmp_path):
+    """`ray-fer list` writes a manifest folder; labelling reads it; after the store grows, a new
+    listing and --skip-existing label only the new files (the anti-join), and one more run adds
+    no rows."""
+    from ray_fer.inputs import write_manifest
+
+    folder = tmp_path / "images"
+    faces = _fer_folder(fer_root, folder, per_class=3)
+    manifest, out = str(tmp_path / "manifest"), str(tmp_path / "labels")
+    assert write_manifest(str(folder), manifest)["images"] == len(faces)
+    first = label_images(InferConfig(model=random_bundle, input=manifest, output=out, faces="whole"))
+    assert (first["images"], first["processed"]) == (len(faces), len(faces))
+    more = _fer_folder(fer_root, folder, per_class=2, start=3)
+    write_manifest(str(folder), manifest, overwrite=True)
+    cfg = InferConfig(model=random_bundle, input=manifest, output=out, faces="whole", skip_existing=True)
+    topped = label_images(cfg)
+    assert (topped["processed"], topped["skipped"], topped["images"]) == (len(more), len(faces), len(faces) + len(more))
+    again = label_images(cfg)
+    assert (again["processed"], again["images"]) == (0, len(faces) + len(more))
+    table = _read_output(out)
+    assert sorted(table["path"].to_pylist()) == sorted(str(p) for p in faces + more)  # each exactly once
+
+
 def _children(pid: int) -> list:
     import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
     import psutil

@@ -69,7 +69,7 @@ def _stage(run: OutputRun, paths: list[str]) -> None:
 
 def test_output_checks(tmp_path):
     with OutputRun(str(tmp_path / "new"), overwrite=False, skip_existing=False, model_id="m") as run:
-        assert len(run.done) == 0
+        assert run.done_count == 0
     assert _names(str(tmp_path / "new")) == []  # the lease is gone again
     out = tmp_path / "out"
     out.mkdir()
@@ -79,7 +79,7 @@ def test_output_checks(tmp_path):
     with pytest.raises(OutputError, match="labelled by model m, not other; pass the same --model"):
         OutputRun(str(out), overwrite=False, skip_existing=True, model_id="other").__enter__()
     with OutputRun(str(out), overwrite=False, skip_existing=True, model_id="m") as run:
-        assert run.done.to_pylist() == ["/a.jpg"]
+        assert run.done_paths() == ["/a.jpg"]
     (out / "notes.md").write_text("mine")
     with pytest.raises(OutputError, match="holds files ray-fer did not write .*notes.md"):
         OutputRun(str(out), overwrite=True, skip_existing=False, model_id="m").__enter__()
@@ -172,7 +172,7 @@ def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
 
     with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
-            assert sorted(nxt.done.to_pylist()) == ["/x.jpg", "/y.jpg"]  # the dead run's rows, committed
+            assert sorted(nxt.done_paths()) == ["/x.jpg", "/y.jpg"]  # the dead run's rows, committed
             nxt.check(pa.array([], pa.string()))
             nxt.commit({"images": 2})
     assert f"finishing the commit of run {run.run_id}" in caplog.text
@@ -209,7 +209,7 @@ def test_skip_existing_keeps_the_rows_a_dead_run_had_staged(dst, monkeypatch, ca
     assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
     with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
-            assert sorted(nxt.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/x.jpg", "/y.jpg"]
+            assert sorted(nxt.done_paths()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/x.jpg", "/y.jpg"]
             _stage(nxt, ["/z.jpg"])
             counts = nxt.check(pa.array(["/z.jpg"]))
             nxt.commit({"images": counts["images"]})
@@ -227,7 +227,7 @@ def test_skip_existing_relabels_read_errors_and_keeps_one_row_per_path(dst):
     _write(storage.join(dst, "three.parquet"), _rows(["/f.jpg"]))
     with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as run:
         # a content error ("empty file") is the file's answer; a read error is not, so it is labelled again
-        assert sorted(run.done.to_pylist()) == ["/a.jpg", "/c.jpg", "/e.jpg", "/f.jpg"]
+        assert sorted(run.done_paths()) == ["/a.jpg", "/c.jpg", "/e.jpg", "/f.jpg"]
         _stage(run, ["/b.jpg", "/d.jpg"])
         counts = run.check(pa.array(["/b.jpg", "/d.jpg"]))
         assert (counts["images"], counts["errors"]) == (6, 1)
@@ -293,7 +293,7 @@ def test_skip_existing_keeps_every_face_of_a_file_and_refuses_the_other_mode(tmp
     dst = str(tmp_path / "out")
     _write(storage.join(dst, "old.parquet"), _face_rows(PHOTOS + [("/a.jpg", 1, None)]))  # /a.jpg face 1 twice
     with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m", faces=True) as run:
-        assert sorted(run.done.to_pylist()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]  # each path once
+        assert sorted(run.done_paths()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]  # each path once
         _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows([("/e.jpg", None, None)]))
         counts = run.check(pa.array(["/e.jpg"]))
         assert (counts["images"], counts["faces"], counts["no_face"]) == (5, 4, 2)

@@ -58,6 +58,34 @@ def test_bf16_near_ties_are_recomputed_in_fp32(random_bundle, fer_root, monkeypa
     assert agree(checked) >= agree(raw)  # re-computed rows can only join fp32's labels
 
 
+def test_a_batch_of_chunks_recomputes_its_near_ties_in_one_call(random_bundle, fer_root, monkeypatch):
+    """The model sees `chunk` rows per call; a batch's near-ties, from all its chunks, go through
+    the fp32 model together: three bf16 calls and one fp32 call for 280 faces in chunks of 128."""
+    import ray_fer.predictor as predictor
+
+    bundle, _ = load_bundle(random_bundle)
+    net, preset = bundle.build_model(), bundle.eval_preset()
+    pixels, _ = _fer_pixels(fer_root, "val", 40)
+    whole = predict_probs(net, preset, pixels)
+    assert torch.allclose(predict_probs(net, preset, pixels, chunk=128), whole, atol=1e-5)
+    gaps = whole.topk(2, dim=1).values
+    monkeypatch.setattr(predictor, "NEAR_TIE", float((gaps[:, 0] - gaps[:, 1]).quantile(0.15)))
+    calls = []
+    net.classifier.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    checked = predict_probs(net, preset, pixels, autocast_dtype=torch.bfloat16, chunk=128)
+    assert calls[:3] == [128, 128, 24] and len(calls) == 4 and 0 < calls[3] <= 128, calls
+    assert torch.allclose(checked.sum(1), torch.ones(len(pixels)), atol=1e-5)
+
+
+def test_cpu_plan_gives_the_actors_the_cores_decoding_does_not_need():
+    two = plan_predictors({"CPU": 2})
+    assert (two.actors, two.threads, two.decode_cpus, two.batch_size) == (2, 1, 0.25, 512)
+    assert two.actors * two.num_cpus == 2 - 0.75  # decode tasks and the write stage keep 0.75
+    big = plan_predictors({"CPU": 16})
+    assert (big.actors, big.threads) == (8, 2) and big.actors * big.threads == 16
+    assert plan_predictors({"CPU": 4}, actors=2).threads == 2  # a pool of the user's size still uses every core
+
+
 def test_predict_probs_flip_averages_the_mirror_image(tiny_bundle):
     bundle, _ = load_bundle(tiny_bundle)
     net, preset = bundle.build_model(), bundle.eval_preset()
@@ -180,6 +208,12 @@ def test_face_plan_has_the_pool_shape_of_the_plain_one_with_smaller_batches(cpus
         plain.actors, plain.num_cpus, plain.threads, plain.decode_cpus)
     gpu = plan_predictors({"CPU": cpus, "GPU": 2}, faces=True)
     assert (gpu.device, gpu.actors, gpu.batch_size) == ("gpu", 2, 256)
+
+
+def test_cpu_plan_leaves_room_for_decoding_on_each_node_of_one_cpu():
+    # two 1-CPU nodes (test_cluster's): one actor on each, and a decode task still fits beside it
+    plan = plan_predictors({"CPU": 2})
+    assert plan.actors == 2 and 1.0 - plan.num_cpus >= plan.decode_cpus
 
 
 def test_plan_declares_memory_the_cluster_has():
