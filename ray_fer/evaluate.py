@@ -1,6 +1,6 @@
 """Evaluation: a model bundle over a labelled image folder, through labelling's own chain.
 
-`evaluate_folder` lists `<data>/<class>/*`, runs `predictor.prediction_dataset` (the same
+`evaluate_folder` lists `<data>/<class>/*`, runs `pipeline.prediction_dataset` (the same
 decode, eval preset and predictor as `ray-fer infer`), turns the labels into `metrics` and writes
 metrics.json, confusion_matrix.png, report.md (`report`) and predictions.parquet.
 """
@@ -24,7 +24,7 @@ from ray_fer.labels import CLASSES
 from ray_fer.metrics import classification_metrics
 from ray_fer.model import PACKAGED_MODELS, load_bundle
 from ray_fer.output import FACE_COLUMNS, files_in
-from ray_fer.predictor import prediction_dataset
+from ray_fer.pipeline import prediction_dataset
 from ray_fer.report import write_evaluation
 from ray_fer.runs import resolve_model
 
@@ -45,7 +45,7 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Run a model bundle over a labelled image folder (local or s3://) and write the evaluation.
 
-    Uses labelling's own chain (`predictor.prediction_dataset`: the same decode, eval preset and
+    Uses labelling's own chain (`pipeline.prediction_dataset`: the same decode, eval preset and
     predictor), so the numbers describe what `ray-fer infer` produces. Writes metrics.json,
     confusion_matrix.png, report.md and predictions.parquet (one row per image, for error
     analysis) into `output` (default <model folder>/eval/<data folder>-<tta>); returns the summary.

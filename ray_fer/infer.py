@@ -36,7 +36,7 @@ from ray_fer.listing import LIST_CPUS
 from ray_fer.model import ModelBundle, load_bundle
 from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
 from ray_fer.pathsets import Tally, tally_block
-from ray_fer.predictor import prediction_dataset
+from ray_fer.pipeline import prediction_dataset
 from ray_fer.resume import drop_done
 from ray_fer.runs import resolve_model
 

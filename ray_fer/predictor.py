@@ -4,8 +4,7 @@
   (`precision.autocast_dtype`); under bf16 the near-ties are re-computed in exact fp32.
 - `fold_batchnorm`: the same network with one pass fewer over every activation (inference only).
 - `Predictor`: the Ray Data callable class; loads the model once per actor.
-- `plan_predictors` / `prediction_dataset`: the actor pool sized from the cluster, and the lazy
-  chain (read + decode tasks -> predictor actors) that labelling and evaluation both run.
+- `plan_predictors`: the actor pool sized from the cluster (`pipeline.prediction_dataset` uses it).
 """
 
 from __future__ import annotations
@@ -14,22 +13,16 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_fer import cluster
 from ray_fer.config import UserError
-from ray_fer.data import DECODE_BATCH, decoded_dataset
-from ray_fer.faces import DETECT_SIZE, check_faces
 from ray_fer.images import EvalPreset, tta_views
 from ray_fer.model import ModelBundle, load_bundle
 from ray_fer.precision import autocast_dtype, exact_fp32
-
-if TYPE_CHECKING:
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -356,67 +349,3 @@ def plan_predictors(
     return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=max(cpus - headroom, 0.25) / n, num_gpus=0,
                          threads=threads, batch_size=batch_size or (64 if faces else 4 * CPU_CHUNK), tasks_in_flight=2,
                          memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=0.25)
-
-
-def prediction_dataset(
-    source: "pa.Table | ray.data.Dataset",
-    model: str | ModelBundle,
-    *,
-    model_id: str | None = None,
-    tta: str = "none",
-    precision: str = "auto",
-    device: str = "auto",
-    batch_size: int | None = None,
-    decode_batch_size: int = DECODE_BATCH,
-    actors: int | None = None,
-    compile: bool = False,
-    faces: str = "whole",
-    detect_size: int = DETECT_SIZE,
-    tally: Any = None,
-) -> "ray.data.Dataset":
-    """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
-    (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
-
-    `faces`: "whole" labels each file's whole image (one row per file); "detect" finds, aligns
-    and labels every face (`face_predictor.FacePredictor`: one row per face, one for a file
-    without a face or with an error); "auto" labels an image of at most `data.AUTO_WHOLE_SIDE`
-    pixels whole (a face crop) and detects faces in the others.
-
-    Extra columns of `source` (e.g. a true label) are passed through. Stages: read and decode on
-    CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
-    actors sized by `plan_predictors`. `tally` (a `pathsets.Tally` actor) is told the digest of
-    every block that reaches the decode tasks. Nothing runs until the dataset is consumed (write_parquet,
-    iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
-    With `compile` each actor torch.compiles its model once before its first batch.
-    """
-    import ray
-
-    if isinstance(source, pa.Table) and "path" not in source.column_names:
-        raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(source.column_names)}")
-    if isinstance(model, str):
-        model, model_id = load_bundle(model)
-    if model_id is None:
-        raise ValueError("pass model_id (the bundle's identity from load_bundle) with a ModelBundle")
-    private = cluster.connect()
-    check_faces(faces)
-    photos = faces != "whole"
-    plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size,
-                           autoscaling=not private, faces=photos)
-    pool = f"{plan.min_actors}-{plan.actors}" if plan.min_actors < plan.actors else str(plan.actors)
-    log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
-             pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
-    ds = decoded_dataset(source, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
-                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally)
-    if photos:
-        from ray_fer.face_predictor import FacePredictor
-    return ds.map_batches(
-        FacePredictor if photos else Predictor,
-        fn_constructor_args=(ray.put(model),),
-        fn_constructor_kwargs={"model_id": model_id, "tta": tta, "precision": precision,
-                               "device": plan.device, "threads": plan.threads, "compile": compile,
-                               "batch_size": plan.batch_size},
-        batch_size=plan.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.actors,
-                                           max_tasks_in_flight_per_actor=plan.tasks_in_flight),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, memory=plan.memory,
-    )
