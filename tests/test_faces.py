@@ -24,6 +24,7 @@ from ray_fer.decode import IMAGE_EXTENSIONS, decode_photo
 from ray_fer.face_predictor import FacePredictor
 from ray_fer.faces import DETECT_SIZE, TEMPLATE, DetectorError, align_matrices, crop_faces, load_mtcnn
 from ray_fer.labels import CLASSES
+from ray_fer.model import DEFAULT_MODEL, packaged_model
 from ray_fer.output import FACE_COLUMNS, SUCCESS_FILE, output_schema
 
 from conftest import REPO, _run_cli
@@ -179,12 +180,12 @@ def test_synthetic_photos_recall_and_false_boxes(synthetic, known_faces, record_
 
 
 @pytest.mark.slow
-def test_aligned_faces_keep_the_labels_of_their_crops(synthetic, known_faces, trained_bundle, record_property):
-    """A trained model labels the detected, aligned crops as it labels the original FER2013 crops
+def test_aligned_faces_keep_the_labels_of_their_crops(synthetic, known_faces, record_property):
+    """The packaged model labels the detected, aligned crops as it labels the original FER2013 crops
     (>= 90% of upright faces). The figure for rolled faces is reported, and beside both the
     agreement of the original crops merely scaled to the pasted size and back: how much of the
     difference is the model's sensitivity to resampling alone."""
-    predictor = FacePredictor(trained_bundle, precision="fp32")
+    predictor = FacePredictor(packaged_model(DEFAULT_MODEL), precision="fp32")
     photos, _ = synthetic
     rows = _by_path(_label_files(predictor, [p for p, _ in photos]))
     pairs, _ = _matched((photos, rows), known_faces)
