@@ -28,7 +28,11 @@ READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: photos take ~20 ms each
-PHOTO_DECODE_BATCH = 64  # most files per decode task of a streamed input when faces are detected (~1.3 s)
+# most files per decode task of a streamed input when faces are detected: 64 photos take ~1.3 s;
+# under --faces auto a store may hold face crops (~0.1 ms each), for which 64 files leave the tasks
+# mostly overhead (FER2013 train at 201 img/s against 533 whole), so as many as whole's (a store of
+# photos: ~40 s a task, its blocks streamed to the predictors as they are decoded)
+PHOTO_DECODE_BATCH = {"detect": 64, "auto": 2048}
 PHOTO_BLOCK_BYTES = 32 * 1024**2  # decoded photos per output block of a decode task: ~16 1280x960 photos
 AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
 PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")

@@ -66,7 +66,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id,
                    faces=faces) as out:
         tally = Tally()
-        with blocks_of(min(cfg.decode_batch_size, PHOTO_DECODE_BATCH) if faces else cfg.decode_batch_size):
+        with blocks_of(min(cfg.decode_batch_size, PHOTO_DECODE_BATCH[cfg.faces]) if faces else cfg.decode_batch_size):
             paths = input_dataset(inputs).map_batches(
                 tally_block, fn_kwargs={"tally": tally.actor, "name": "listed"}, batch_size=None,
                 batch_format="pyarrow", num_cpus=LIST_CPUS)

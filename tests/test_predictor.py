@@ -13,7 +13,7 @@ from ray_fer.decode import decode_image
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import load_bundle
 from ray_fer.precision import cpu_has_native_bf16
-from ray_fer.predictor import PlanError, Predictor, fold_batchnorm, plan_predictors, predict_probs
+from ray_fer.predictor import CPU_CHUNK, PlanError, Predictor, fold_batchnorm, plan_predictors, predict_probs
 
 
 def _predictor(uri: str, **kwargs) -> Predictor:
@@ -203,7 +203,7 @@ def test_face_plan_has_the_pool_shape_of_the_plain_one_with_smaller_batches(cpus
     # the same shape: a pool of one actor per CPU left no room for decode tasks on a cluster of
     # 1-CPU nodes (the labelling job of test_cluster hung)
     plan, plain = plan_predictors({"CPU": cpus}, faces=True), plan_predictors({"CPU": cpus})
-    assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus and plan.batch_size == 64
+    assert plan.actors * plan.num_cpus + plan.decode_cpus <= cpus and plan.batch_size == CPU_CHUNK < plain.batch_size
     assert (plan.actors, plan.num_cpus, plan.threads, plan.decode_cpus) == (
         plain.actors, plain.num_cpus, plain.threads, plain.decode_cpus)
     gpu = plan_predictors({"CPU": cpus, "GPU": 2}, faces=True)
