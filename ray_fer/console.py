@@ -106,28 +106,17 @@ def _log_package(verbose: bool) -> None:
     log.propagate = False  # Ray Train workers put a console handler on the root logger too
 
 
-def _reported_by_us(exc: BaseException | None) -> bool:
-    """True for an exception that carries one of ray-fer's own errors (`config.UserError`, e.g.
-    `storage.ReadError` raised in a decode task), which the entry point prints as its one line."""
-    from ray_fer.config import UserError
-
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, UserError) or isinstance(getattr(exc, "cause", None), UserError):
-            return True  # RayTaskError(ReadError) is both; a plain RayTaskError keeps it in .cause
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
 class _DropReportedErrors(logging.Filter):
-    """Ray Data's console copies of an error that ray-fer reports itself: "An exception was raised
-    from a task of operator ...", "Exception occurred in Ray Data or Ray Core internal code" and
-    their tracebacks (a generator UDF's errors reach Ray Data unwrapped, so it treats them as its
-    own). Its log file keeps them."""
+    """Ray Data's console copies of an error that ray-fer reports itself as one line
+    (`storage.stop_on_read_errors`): "An exception was raised from a task of operator ...",
+    "Exception occurred in Ray Data or Ray Core internal code" and their tracebacks (a generator
+    UDF's errors reach Ray Data unwrapped, so it treats them as its own). Its log file keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from ray_fer.storage import reported_in_task
+
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return not _reported_by_us(exc)
+        return exc is None or reported_in_task(exc) is None
 
 
 def quiet_ray_in_process() -> None:

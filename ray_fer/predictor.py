@@ -309,8 +309,8 @@ def plan_predictors(
     """Size the predictor pool so that it never takes every CPU: the decode tasks that feed it
     need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
 
-    With `faces` (photos: the detector runs in the actors) a batch is 64 files on CPU and 256 on
-    GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
+    With `faces` (photos: the detector runs in the actors) a batch is CPU_CHUNK (128) files on CPU
+    and 256 on GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
 
     On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
     the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than

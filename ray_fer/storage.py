@@ -159,6 +159,12 @@ def read_with_retries(uri: str, delays: tuple[float, ...] | None = None) -> byte
     raise AssertionError("unreachable")
 
 
+def reported_in_task(e: BaseException) -> re.Match[str] | None:
+    """Where the text of an error from a Ray task holds a ReadError or a manifest's InputError,
+    which `stop_on_read_errors` reports as one line: the match (group 1 the class, 2 the message)."""
+    return re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
+
+
 @contextlib.contextmanager
 def stop_on_read_errors(advice: str) -> Iterator[None]:
     """Turn a ReadError (or a manifest's InputError) that stopped a Ray task into one line for
@@ -174,7 +180,7 @@ def stop_on_read_errors(advice: str) -> Iterator[None]:
         from_ray = any(c.__name__ == "RayTaskError" for c in type(e).__mro__)
         if isinstance(e, UserError) and not from_ray:
             raise
-        found = re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
+        found = reported_in_task(e)
         if found is None:
             raise
         if found.group(1) == "InputError":
