@@ -59,7 +59,7 @@ def make_photos(folder: Path, n: int, crops_dir: Path, seed: int = 0) -> list[st
 
 def resolve_bundle(model: str | None, tmp: str) -> str:
     """The bundle to time: --model, else the packaged fer2013 model, else one trained here (~2 min)."""
-    from ray_fer.runs import resolve_model
+    from ray_fer.model_ref import resolve_model
 
     try:
         return resolve_model(model or "fer2013")
@@ -86,7 +86,8 @@ def plain_facenet(paths: list[str], model: str, out: str) -> int:
     import pandas as pd
     from facenet_pytorch import MTCNN
 
-    from ray_fer.faces import DETECT_SIZE, MIN_FACE, THRESHOLDS
+    from ray_fer.face_options import DETECT_SIZE
+    from ray_fer.faces import MIN_FACE, THRESHOLDS
     from ray_fer.model import load_bundle
     from ray_fer.predictor import predict_probs
 

@@ -30,7 +30,7 @@ VERBOSE_ENV = "RAY_FER_VERBOSE"
 # are restartable and their arguments live as long as the job: nothing for a user to do.
 _NOT_ACTIONABLE = r"has constructor arguments in the object store"
 _QUIET_ENV = {
-    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",  # "(MapWorker(MapBatches(Predictor)) pid=123)" before every line
+    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",  # "(MapWorker(MapBatches(PredictorActor)) pid=123)" before every line
     "RAY_DEDUP_LOGS_SKIP_REGEX": _NOT_ACTIONABLE,
 }
 

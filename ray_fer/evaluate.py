@@ -18,15 +18,14 @@ import pyarrow as pa
 from ray_fer import cluster, console, storage
 from ray_fer.config import UserError
 from ray_fer.data import DataError, find_split, list_image_folder
-from ray_fer.faces import check_detector, check_faces
+from ray_fer.face_options import check_detector, check_faces
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import classification_metrics
-from ray_fer.model import PACKAGED_MODELS, load_bundle
+from ray_fer.model_ref import PACKAGED_MODELS, ModelFile
 from ray_fer.output import FACE_COLUMNS, files_in
-from ray_fer.pipeline import prediction_dataset
+from ray_fer.pipeline import open_model, prediction_dataset
 from ray_fer.report import write_evaluation
-from ray_fer.runs import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,15 @@ def evaluate_folder(
         check_detector()
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
-    model_uri = resolve_model(model)
-    bundle, model_id = load_bundle(model_uri)
-    if tuple(bundle.classes) != CLASSES:
-        raise UserError(f"model {model_uri!r} predicts {', '.join(bundle.classes)}; evaluation needs {', '.join(CLASSES)}")
+    model_file = ModelFile.read(model)
+    model_uri = model_file.uri
     table = _list_labelled(data, limit_per_class)
     cluster.connect()
     cluster.refuse_local_paths({"--data": data})
+    ref = open_model(model_file)
+    model_id = ref.model_id
+    if ref.classes != CLASSES:
+        raise UserError(f"model {model_uri!r} predicts {', '.join(ref.classes)}; evaluation needs {', '.join(CLASSES)}")
     if output is None:
         output = _default_output(model, model_uri, data, tta)
     log.info("evaluating model %s on %s images of %s (tta %s) into %s", model_id, f"{table.num_rows:,}", data, tta,
@@ -76,8 +77,7 @@ def evaluate_folder(
 
     t0 = time.perf_counter()
     # the predictor adds its own `label` column (the prediction): the truth travels as true_label
-    ds = prediction_dataset(table.rename_columns(["path", "true_label"]), bundle, model_id=model_id,
-                            tta=tta, precision=precision, faces=faces)
+    ds = prediction_dataset(table.rename_columns(["path", "true_label"]), ref, tta=tta, precision=precision, faces=faces)
     face_columns = list(FACE_COLUMNS) if faces != "whole" else []
     keep = ["path", "true_label", *face_columns, "label", "confidence", *[f"prob_{c}" for c in CLASSES], "error"]
     parts = []
@@ -111,8 +111,7 @@ def evaluate_folder(
         raise UserError(f"none of the {table.num_rows} images in {data!r} could be labelled; {reason}")
 
     metrics = {
-        "model": {"uri": model_uri, "id": model_id, "image_size": bundle.image_size,
-                  "decode_size": bundle.decode_size},
+        "model": {"uri": model_uri, "id": model_id, "image_size": ref.image_size, "decode_size": ref.decode_size},
         "data": data if storage.is_remote(data) else os.path.abspath(data),  # compare matches on it
         "tta": tta,
         "precision": precision,

@@ -40,7 +40,7 @@ def export_model(
     and nothing is written when they agree on fewer than `min_agreement` of them.
     """
     from ray_fer.model import load_bundle, save_bundle
-    from ray_fer.runs import resolve_model
+    from ray_fer.model_ref import resolve_model
 
     if half and check_data is None:
         raise UserError("--half needs --check-data FOLDER (a labelled image folder such as FER2013 val) to check "

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_fer.config import UserError
+from ray_fer.face_options import INSTALL, DetectorError, weights_folder
 
 log = logging.getLogger(__name__)
 
-FACE_MODES = ("auto", "detect", "whole")
-DETECT_SIZE = 640  # long side of the detection copy: 2x faster than 1024 at the same recall (docs/labelling.md)
 MIN_FACE = 20  # smallest face searched, in pixels of the detection copy (MTCNN's own default)
 # P-, R-, O-Net score thresholds; the last is the least `face_score` reported. MTCNN's defaults
 # are 0.6, 0.7, 0.7. Lower first two keep more candidates for O-Net, which then finds more faces
@@ -43,16 +40,6 @@ CROP_SIZE = 48  # FER2013's side; the template below is in its pixels
 # detector finds on 776 FER2013 train crops (bench/fer_framing.py), the eyes' and the mouth corners'
 # heights averaged so that the template itself is level. Its eyes are 18 px apart, 0.38 of the frame.
 TEMPLATE = np.array([[15.3, 18.8], [33.4, 18.8], [24.2, 28.9], [17.0, 38.2], [31.9, 38.2]], dtype=np.float32)
-
-
-class DetectorError(UserError):
-    """The face detector cannot be loaded; the message says how to install it."""
-
-
-def check_faces(mode: str) -> None:
-    """Refuse an unknown --faces value where the user gave it, naming the choices."""
-    if mode not in FACE_MODES:
-        raise UserError(f"unknown --faces {mode!r}; choose one of: {', '.join(FACE_MODES)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,30 +65,14 @@ class Detections:
         return Detections(boxes, self.scores, self.landmarks * np.array([sx, sy], dtype=np.float32))
 
 
-def check_detector() -> None:
-    """Fail fast, before any cluster work, where facenet-pytorch or its packaged weights are missing."""
-    _weights_folder()
-
-
-def _weights_folder() -> str:
-    try:
-        import facenet_pytorch
-    except ImportError as e:
-        raise DetectorError(f"face detection needs facenet-pytorch ({e}); install it with "
-                            "pip install facenet-pytorch==2.5.3, or label face crops with --faces whole") from None
-    data = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
-    missing = [f for f in ("pnet.pt", "rnet.pt", "onet.pt") if not os.path.isfile(os.path.join(data, f))]
-    if missing:
-        raise DetectorError(f"the MTCNN weights {', '.join(missing)} are missing from {data}, which the "
-                            "facenet-pytorch wheel ships; reinstall it: pip install --force-reinstall "
-                            "--no-deps facenet-pytorch==2.5.3")
-    return data
-
-
 def load_mtcnn() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     """P-, R- and O-Net with facenet-pytorch's packaged weights (nothing is downloaded);
     DetectorError naming the fix where they are not installed."""
-    _weights_folder()
+    try:
+        import facenet_pytorch
+    except ImportError as e:
+        raise DetectorError(f"face detection needs facenet-pytorch ({e}); {INSTALL}") from None
+    weights_folder(facenet_pytorch.__file__)
     from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
     return PNet().eval(), RNet().eval(), ONet().eval()

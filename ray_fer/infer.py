@@ -1,5 +1,6 @@
 """The labelling pipeline: an image store in, a Parquet table of expressions out.
 
+    model_ref.ModelFile (driver: reads --model; a Ray task opens it: the driver imports no torch)
     inputs.find_inputs (driver: checks the folder, s3:// prefix or manifest; plans the listing)
       -> output.OutputRun (driver: the output's lease, --overwrite / --skip-existing, before any
          labelling; under --skip-existing the sorted keys of the paths already labelled)
@@ -29,16 +30,15 @@ from typing import Any
 
 from ray_fer import __version__, cluster, console, storage
 from ray_fer.config import InferConfig
-from ray_fer.faces import check_detector
 from ray_fer.data import PHOTO_DECODE_BATCH
+from ray_fer.face_options import check_detector
 from ray_fer.inputs import blocks_of, find_inputs, input_dataset, no_images
 from ray_fer.listing import LIST_CPUS
-from ray_fer.model import ModelBundle, load_bundle
+from ray_fer.model_ref import ModelFile, ModelRef
 from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
 from ray_fer.pathsets import Tally, tally_block
-from ray_fer.pipeline import prediction_dataset
+from ray_fer.pipeline import open_model, prediction_dataset
 from ray_fer.resume import drop_done
-from ray_fer.runs import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,13 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         check_detector()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    bundle, model_id = load_bundle(resolve_model(cfg.model))
+    model_file = ModelFile.read(cfg.model)
     inputs = find_inputs(cfg.input)
     cluster.connect()
     cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
+    model = open_model(model_file)
     faces = cfg.faces != "whole"
-    with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model_id,
+    with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model.model_id,
                    faces=faces) as out:
         tally = Tally()
         with blocks_of(min(cfg.decode_batch_size, PHOTO_DECODE_BATCH[cfg.faces]) if faces else cfg.decode_batch_size):
@@ -73,7 +74,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         if out.done_count:  # the anti-join: paths with a row that stays are not labelled again
             paths = paths.map_batches(drop_done, fn_kwargs={"done": out.done}, batch_size=None,
                                       batch_format="pyarrow", num_cpus=LIST_CPUS)
-        _label(paths, bundle, model_id, cfg, out.new_dir, tally)
+        _label(paths, model, cfg, out.new_dir, tally)
         listed = tally.counts().get("listed", 0)
         if not listed:
             raise no_images(cfg.input)
@@ -87,7 +88,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         summary = {
             "images": counts["images"], "labelled": counts["labelled"], "errors": counts["errors"],
             **({"faces": counts["faces"], "no_face": counts["no_face"]} if faces else {}),
-            "processed": todo.count, "skipped": skipped, "output": cfg.output, "model": model_id,
+            "processed": todo.count, "skipped": skipped, "output": cfg.output, "model": model.model_id,
             "seconds": round(seconds, 2), "images_per_s": round(todo.count / seconds, 1),
         }
         out.commit(summary | {
@@ -102,16 +103,16 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     return summary
 
 
-def _label(paths: Any, bundle: ModelBundle, model_id: str, cfg: InferConfig, dst: str, tally: Tally) -> None:
+def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally) -> None:
     """The Ray Data pipeline over a stream of paths: one Parquet row per path (with faces, per
     face, and one for a file without a face), written to `dst`."""
     ds = prediction_dataset(
-        paths, bundle, model_id=model_id, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
+        paths, model, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
         batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
         compile=cfg.compile, faces=cfg.faces, detect_size=cfg.face_detect_size, tally=tally.actor,
     )
     counter = console.RayCounter(tally.actor)
-    schema = output_schema(bundle.classes, faces=cfg.faces != "whole")
+    schema = output_schema(model.classes, faces=cfg.faces != "whole")
     # cheap steps on a share of a CPU, so they fit beside decode tasks and actors on any cluster;
     # not the same share: fused with the write, which waits for ROWS_PER_FILE rows, to_output
     # would count the rows for the progress display only once a file's worth is ready

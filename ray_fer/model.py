@@ -21,23 +21,14 @@ from torch import nn
 from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 
 from ray_fer import storage
-from ray_fer.config import UserError
 from ray_fer.images import IMAGENET_MEAN, IMAGENET_STD, EvalPreset
 from ray_fer.labels import CLASSES, NUM_CLASSES
+from ray_fer.model_ref import ModelLoadError, packaged_model, read_model_file
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "efficientnet_b0"
 BUNDLE_FORMAT = "ray-fer-bundle/1"
-# Models that ship inside the package (ray_fer/models/<name>.pt), usable by name as --model
-PACKAGED_MODELS = {"fer2013": "trained by `ray-fer train --config jobs/fer2013-cpu.yaml` on FER2013 train"}
-DEFAULT_MODEL = "fer2013"
-
-
-class ModelLoadError(UserError):
-    """A weights or bundle file that cannot be used; the message names the file and the fix."""
-
-
 def build_model(weights: str = "none", num_classes: int = NUM_CLASSES, stem_stride: int = 2) -> nn.Module:
     """EfficientNet-B0 with a fresh `num_classes` head.
 
@@ -113,16 +104,9 @@ def _torch_load(data: bytes, source: str) -> Any:
         ) from None
 
 
-def _read(uri: str) -> bytes:
-    try:
-        return storage.read_bytes(uri)
-    except (FileNotFoundError, OSError) as e:
-        raise ModelLoadError(f"cannot read model file {uri!r}: {e}; check the path or URI") from None
-
-
 def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], int | None]:
     """The weights in a bundle or state dict file, and the stem stride a bundle was trained with."""
-    obj = _torch_load(_read(uri), uri)
+    obj = _torch_load(read_model_file(uri), uri)
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
         return obj["state_dict"], int(obj.get("stem_stride", 2))
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -230,21 +214,8 @@ def save_bundle(bundle: ModelBundle, uri: str) -> str:
 
 def load_bundle(uri: str) -> tuple[ModelBundle, str]:
     """Read a bundle from a local path or s3:// URI; returns (bundle, identity)."""
-    bundle = ModelBundle.from_bytes(_read(uri), uri)
+    bundle = ModelBundle.from_bytes(read_model_file(uri), uri)
     return bundle, model_id(bundle)
-
-
-def packaged_model(name: str) -> str | None:
-    """The file of a model shipped in the package (see PACKAGED_MODELS), or None for other names."""
-    if name not in PACKAGED_MODELS:
-        return None
-    from importlib.resources import files
-
-    path = files("ray_fer") / "models" / f"{name}.pt"
-    if not path.is_file():
-        raise ModelLoadError(f"this installation lacks the packaged model {name!r} ({path}); reinstall ray-fer, "
-                             "or pass --model with a model.pt that `ray-fer train` wrote")
-    return str(path)
 
 
 def model_id(bundle: ModelBundle) -> str:

@@ -1,20 +1,26 @@
 """The labelling chain that `infer` and `evaluate` both run: read + decode tasks
 (`data.decoded_dataset`) -> an actor pool of `predictor.Predictor` (one row per file) or
-`face_predictor.FacePredictor` (one row per face), sized by `predictor.plan_predictors`."""
+`face_predictor.FacePredictor` (one row per face), sized by `plan.plan_predictors`.
+
+This module, like everything the driver of a labelling job imports, imports no torch: the model
+is a `model_ref.ModelRef`, and the actor classes below import their predictor (and torch) in
+the actor.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from ray_fer import cluster
+from ray_fer.config import UserError
 from ray_fer.data import DECODE_BATCH, decoded_dataset
-from ray_fer.face_predictor import FacePredictor
-from ray_fer.faces import DETECT_SIZE, check_faces
-from ray_fer.model import ModelBundle, load_bundle
-from ray_fer.predictor import Predictor, plan_predictors
+from ray_fer.face_options import DETECT_SIZE, check_faces
+from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef
+from ray_fer.plan import plan_predictors
 
 if TYPE_CHECKING:
     import ray
@@ -24,9 +30,8 @@ log = logging.getLogger(__name__)
 
 def prediction_dataset(
     source: "pa.Table | ray.data.Dataset",
-    model: str | ModelBundle,
+    model: str | ModelRef,
     *,
-    model_id: str | None = None,
     tta: str = "none",
     precision: str = "auto",
     device: str = "auto",
@@ -40,6 +45,7 @@ def prediction_dataset(
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
     (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
+    `model`: a ModelRef (`open_model`), or what --model takes.
 
     `faces`: "whole" labels each file's whole image (one row per file); "detect" finds, aligns
     and labels every face (`face_predictor.FacePredictor`: one row per face, one for a file
@@ -57,11 +63,9 @@ def prediction_dataset(
 
     if isinstance(source, pa.Table) and "path" not in source.column_names:
         raise ValueError(f"the table of inputs needs a 'path' column; it has: {', '.join(source.column_names)}")
-    if isinstance(model, str):
-        model, model_id = load_bundle(model)
-    if model_id is None:
-        raise ValueError("pass model_id (the bundle's identity from load_bundle) with a ModelBundle")
     private = cluster.connect()
+    if isinstance(model, str):
+        model = open_model(ModelFile.read(model))
     check_faces(faces)
     photos = faces != "whole"
     plan = plan_predictors(ray.cluster_resources(), device=device, actors=actors, batch_size=batch_size,
@@ -72,9 +76,9 @@ def prediction_dataset(
     ds = decoded_dataset(source, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
                          num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally)
     return ds.map_batches(
-        FacePredictor if photos else Predictor,
-        fn_constructor_args=(ray.put(model),),
-        fn_constructor_kwargs={"model_id": model_id, "tta": tta, "precision": precision,
+        FacePredictorActor if photos else PredictorActor,
+        fn_constructor_args=(model.bundle,),
+        fn_constructor_kwargs={"model_id": model.model_id, "tta": tta, "precision": precision,
                                "device": plan.device, "threads": plan.threads, "compile": compile,
                                "batch_size": plan.batch_size},
         batch_size=plan.batch_size, batch_format="numpy",
@@ -82,3 +86,53 @@ def prediction_dataset(
                                            max_tasks_in_flight_per_actor=plan.tasks_in_flight),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, memory=plan.memory,
     )
+
+
+
+def open_model(file: ModelFile) -> ModelRef:
+    """The bundle in `file`, loaded by a Ray task (Ray must be connected): a reference to it in
+    the object store and what the driver needs to know of it. Its ModelLoadError (a state dict
+    or another kind of file) is raised here as itself, one line."""
+    import ray
+
+    opener = ray.remote(_open_bundle).options(num_returns=2, num_cpus=OPEN_CPUS, max_retries=0)
+    about, bundle = opener.remote(ray.put(file.data), file.uri)
+    try:
+        info = ray.get(about)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+    return ModelRef(uri=file.uri, bundle=bundle, **info)
+
+
+def _open_bundle(data: bytes, uri: str) -> tuple[dict[str, Any], Any]:
+    """(what the driver needs, the ModelBundle); runs in a Ray worker, which imports torch."""
+    from ray_fer.model import ModelBundle, model_id
+
+    bundle = ModelBundle.from_bytes(data, uri)
+    info = {"model_id": model_id(bundle), "classes": tuple(bundle.classes), "image_size": bundle.image_size,
+            "decode_size": bundle.decode_size}
+    return info, bundle
+
+
+class PredictorActor:
+    """The class Ray Data starts in each predictor actor: it imports `predictor.Predictor` there,
+    with torch, and hands it every batch. (Ray Data needs the class on the driver; the real one
+    would import torch into the driver.) Ray names the actor's process after this class:
+    "ray::MapWorker(MapBatches(PredictorActor))"."""
+
+    predictor = "ray_fer.predictor:Predictor"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        module, name = self.predictor.split(":")
+        self.impl = getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        return self.impl(batch)
+
+
+class FacePredictorActor(PredictorActor):
+    """`face_predictor.FacePredictor` in an actor, as PredictorActor."""
+
+    predictor = "ray_fer.face_predictor:FacePredictor"

@@ -10,7 +10,7 @@ import numpy as np
 from ray_fer import storage
 from ray_fer.config import UserError
 from ray_fer.data import AUTO_WHOLE_SIDE
-from ray_fer.faces import DETECT_SIZE, check_faces
+from ray_fer.face_options import DETECT_SIZE, check_faces
 from ray_fer.images import check_tta
 
 
@@ -30,7 +30,7 @@ def predict_files(model: str, images: Sequence[str], *, tta: str = "none", top: 
     from ray_fer.decode import ImageError, decode_photo
     from ray_fer.model import load_bundle
     from ray_fer.predictor import predict_probs
-    from ray_fer.runs import resolve_model
+    from ray_fer.model_ref import resolve_model
 
     check_tta(tta)
     check_faces(faces)

@@ -4,7 +4,6 @@
   (`precision.autocast_dtype`); under bf16 the near-ties are re-computed in exact fp32.
 - `fold_batchnorm`: the same network with one pass fewer over every activation (inference only).
 - `Predictor`: the Ray Data callable class; loads the model once per actor.
-- `plan_predictors`: the actor pool sized from the cluster (`pipeline.prediction_dataset` uses it).
 """
 
 from __future__ import annotations
@@ -12,27 +11,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_fer.config import UserError
 from ray_fer.images import EvalPreset, tta_views
 from ray_fer.model import ModelBundle, load_bundle
+from ray_fer.plan import CPU_CHUNK
 from ray_fer.precision import autocast_dtype, exact_fp32
 
 log = logging.getLogger(__name__)
 
-# Host memory a predictor actor declares (measured: 1.3 GB RSS at batch 512, 64 px). Declaring it
-# also keeps Ray from fusing the decode tasks into the actors, which it does when the two stages
-# ask for the same resources (ray-project/ray#54433): decoding must stay on its own CPU tasks.
-PREDICTOR_MEMORY = 2 * 1024**3
-DECODE_SHARE = 0.1  # CPUs kept for decode tasks and the write stage beside CPU predictor actors
 PREDICTION_COLUMNS = ("label", "confidence")  # plus prob_<class>, error and model; see Predictor
-
 
 FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 under autocast
 # Under autocast, rows whose two most likely classes are closer than this (in probability) are
@@ -40,11 +32,6 @@ FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 un
 # trained models (weak models have the most near-ties): bf16 alone agreed with fp32 on 99.05-99.64%
 # of the labels; with this re-check on 99.92-100%, re-computing 2.5-20% of the rows (~10% slower).
 NEAR_TIE = 0.002
-CPU_CHUNK = 128  # rows per model call on CPU (a predictor batch holds several)
-
-
-class PlanError(UserError):
-    """A cluster that cannot run the predictors as asked; the message names the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,75 +266,3 @@ def arrow_column(values: np.ndarray) -> pa.Array:
 
         return BlockAccessor.batch_to_block({"x": arr}).column("x")
     return pa.array(arr)
-
-
-
-# --------------------------------------------------------------------------------------------
-# The actor pool and the chain
-
-
-@dataclass(frozen=True)
-class PredictorPlan:
-    """Where predictor actors run and how big they are, sized from the cluster's resources."""
-
-    device: str  # "gpu" or "cpu"
-    actors: int  # most actors in the pool
-    min_actors: int  # actors the pool starts with; it grows to `actors` as GPU nodes arrive
-    num_cpus: float  # CPUs each actor reserves (fractional: leaves whole CPUs to the decode tasks)
-    num_gpus: int  # GPUs each actor reserves
-    threads: int  # torch threads per actor
-    batch_size: int  # images per predictor call
-    tasks_in_flight: int  # batches queued per actor, so decode output is waiting when a batch ends
-    memory: int  # host memory each actor declares: torch, the model and a batch's activations
-    decode_cpus: float  # CPUs each read-and-decode task reserves
-
-
-def plan_predictors(
-    resources: dict[str, float], *, device: str = "auto", actors: int | None = None, batch_size: int | None = None,
-    autoscaling: bool = False, faces: bool = False,
-) -> PredictorPlan:
-    """Size the predictor pool so that it never takes every CPU: the decode tasks that feed it
-    need one, and an actor pool holding all CPUs waits for ever (RAY-NOTES).
-
-    With `faces` (photos: the detector runs in the actors) a batch is CPU_CHUNK (128) files on CPU
-    and 256 on GPU (a few hundred MB of decoded photos); the pool has the same shape as without.
-
-    On GPUs the pool starts with the GPUs present (at least one) and grows to `actors` (default:
-    the GPUs present) as nodes arrive. Only an `autoscaling` cluster may have fewer GPUs than
-    asked, none included: the pool waits for the autoscaler's first GPU node, as `device=gpu`
-    on a cluster whose GPU nodes are scaled to zero needs.
-    """
-    cpus = float(resources.get("CPU", 0))
-    gpus = int(resources.get("GPU", 0))
-    if cpus < 1:
-        raise PlanError(f"the Ray cluster has {cpus:g} CPUs; labelling needs at least 1 for reading and decoding")
-    decode_cpus = 1.0 if cpus >= 2 else 0.5
-    # declare at most half the cluster's memory across the pool: a small laptop must not wait for ever
-    memory_total = float(resources.get("memory", 0)) or 2.0 * PREDICTOR_MEMORY * max(gpus, 1)
-    if device == "gpu" and gpus == 0 and not autoscaling:
-        raise PlanError("device=gpu but the Ray cluster has no GPUs (and this local instance cannot add any); "
-                        "use --set device=auto or device=cpu")
-    if device == "gpu" or (device == "auto" and gpus > 0):
-        n = actors or max(gpus, 1)
-        if n > gpus and not autoscaling:
-            raise PlanError(f"actors={n} but the Ray cluster has {gpus} GPUs; each GPU actor takes one GPU")
-        # one CPU per actor for its host-side work, unless that would leave none for decoding
-        return PredictorPlan(device="gpu", actors=n, min_actors=max(1, min(gpus, n)),
-                             num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
-                             threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
-                             memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
-    # CPU: decoding a small face costs about a twentieth of the model's work for it (FER2013 on one
-    # core: ~15,000 decodes/s, ~600 model images/s), so decode tasks (a quarter CPU each) and the
-    # write stage share DECODE_SHARE of the CPUs (at least 0.75) and the actors the rest; their
-    # torch threads add up to the CPUs: one single-threaded actor per CPU on small machines (on
-    # 48-64 px faces processes scale better than threads), two threads each on larger ones. With
-    # faces the same shape, smaller batches (decoded photos are larger than faces: 128 photos of
-    # 1280x960 hold ~270 MB; under --faces auto a store of crops still gets CPU_CHUNK-row model
-    # calls: at 64 rows, labelling FER2013 train ran at 475 img/s, at 128 as fast as whole). Each node of a
-    # cluster of 1-CPU nodes keeps 0.375 CPU beside its actor, room for a decode task.
-    headroom = max(0.75, DECODE_SHARE * cpus)
-    threads = max(1, round(cpus / actors)) if actors else (1 if cpus <= 4 else 2)
-    n = actors or max(1, round(cpus / threads))
-    return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=max(cpus - headroom, 0.25) / n, num_gpus=0,
-                         threads=threads, batch_size=batch_size or (CPU_CHUNK if faces else 4 * CPU_CHUNK), tasks_in_flight=2,
-                         memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=0.25)

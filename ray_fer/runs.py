@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
 import yaml
 
 from ray_fer import storage
 from ray_fer.config import ConfigError, TrainJobConfig, UserError, to_yaml
+from ray_fer.model_ref import BUNDLE_FILE  # the exported best model, in the run folder
 
 if TYPE_CHECKING:
     import ray.train
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
-BUNDLE_FILE = "model.pt"  # the exported best model, in the run folder
 CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder
 STARTS_FILE = "starts.jsonl"  # the history of starts, in the run folder
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names them checkpoint_<date>_<time>: name order is time order
@@ -55,11 +54,15 @@ def run_dir(cfg: TrainJobConfig) -> str:
 
 def write_state(folder: str | Path, state: dict[str, Any]) -> None:
     """Save a training state into a (local, temporary) checkpoint folder."""
+    import torch  # here, not at the top: a labelling driver resolves --model through this module
+
     torch.save(state, Path(folder) / STATE_FILE)
 
 
 def load_state(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:
     """The training state of a Ray Train checkpoint, or of a checkpoint folder given as a URI."""
+    import torch
+
     if isinstance(checkpoint, str):
         data = storage.read_bytes(storage.join(checkpoint, STATE_FILE))
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -93,30 +96,6 @@ def load_run_history(run: str) -> tuple[list[dict[str, Any]], int | None, str]:
         return load_state(found[-1]).get("history", []), None, storage.join(found[-1], STATE_FILE)
     raise UserError(f"{run!r} holds neither {BUNDLE_FILE} nor a {CHECKPOINT_PREFIX}*/{STATE_FILE}; "
                     "is it a run folder written by `ray-fer train`?")
-
-
-def resolve_model(uri: str) -> str:
-    """A model bundle's URI: the file of a packaged model given by name (e.g. "fer2013"), the path
-    itself, or <run folder>/model.pt when given a run folder. A packaged model's name wins over a
-    local file or folder of that name: write ./fer2013 for those."""
-    from ray_fer.model import packaged_model
-
-    packaged = packaged_model(uri)
-    if packaged is not None:
-        return packaged
-    if storage.is_dir(uri):
-        inner = storage.join(uri, BUNDLE_FILE)
-        if not storage.exists(inner):
-            raise UserError(f"{uri!r} is a folder without {BUNDLE_FILE}; pass the model.pt that `ray-fer train` "
-                            "wrote (training writes it when the run finishes)")
-        return inner
-    if not storage.exists(uri):
-        from ray_fer.model import PACKAGED_MODELS
-
-        raise UserError(f"model {uri!r} does not exist; pass the model.pt that `ray-fer train` wrote "
-                        "(<run.storage_path>/<run.name>/model.pt), its run folder, or a packaged model: "
-                        + ", ".join(PACKAGED_MODELS))
-    return uri
 
 
 def best_state_and_history(run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

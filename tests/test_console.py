@@ -17,13 +17,18 @@ from ray_fer.console import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 MOST_LINES = 15  # what a default run may print, stdout and stderr together
+# `ray-fer ARGS`, then one more line: whether the command's own process imported torch
+TORCH_PROBE = ("import sys; from ray_fer.cli import main; code = main(sys.argv[1:]); "
+               "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
 
 
-def _ray_fer(*args: str, cwd: Path) -> list[str]:
+def _ray_fer(*args: str, cwd: Path, torch_probe: bool = False) -> list[str]:
     """Run `ray-fer ARGS` as a user would (a fresh process, a private local Ray instance); returns
-    the lines it printed, stdout and stderr interleaved as on a terminal."""
+    the lines it printed, stdout and stderr interleaved as on a terminal (with `torch_probe`, and
+    then a last line saying whether the process imported torch)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "ray_fer.cli", *args], stdout=subprocess.PIPE,
+    command = ["-c", TORCH_PROBE] if torch_probe else ["-m", "ray_fer.cli"]
+    done = subprocess.run([sys.executable, *command, *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300, env=env, cwd=cwd)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, "\n".join(lines[-60:])
@@ -62,7 +67,10 @@ def test_train_prints_a_header_one_line_per_epoch_and_the_summary(trained):
 def test_infer_prints_one_progress_display_and_worker_logs(trained, fer_root):
     work, _ = trained
     lines = _ray_fer("infer", "--model", str(work / "runs" / "fer" / "model.pt"),
-                     "--input", str(fer_root / "val" / "disgust"), "--output", str(work / "labels"), cwd=work)
+                     "--input", str(fer_root / "val" / "disgust"), "--output", str(work / "labels"), cwd=work,
+                     torch_probe=True)
+    # the driver leaves torch (~500 MB) to the predictor actors: model_ref.py
+    assert lines.pop() == "torch imported: False", "\n".join(lines)
     text = "\n".join(lines)
     assert len(lines) <= MOST_LINES, text
     progress = [line for line in lines if re.match(r"[\d,]+/[\d,]+ images \(", line)]

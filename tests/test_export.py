@@ -18,8 +18,9 @@ from ray_fer.model import load_bundle
 def test_half_export_is_checked_on_every_val_image_and_halves_the_file(fer_root, tmp_path):
     # the packaged model, widened to float32, is a trained model whose float16 copy is known: the
     # packaged file itself (same id), with the same labels on every val image
-    from ray_fer.model import DEFAULT_MODEL, save_bundle
-    from ray_fer.runs import resolve_model
+    from ray_fer.model import save_bundle
+    from ray_fer.model_ref import DEFAULT_MODEL
+    from ray_fer.model_ref import resolve_model
 
     packaged, packaged_id = load_bundle(resolve_model(DEFAULT_MODEL))
     wide = str(tmp_path / "fp32.pt")

@@ -22,9 +22,10 @@ from PIL import Image
 from ray_fer.data import decode_photos
 from ray_fer.decode import IMAGE_EXTENSIONS, decode_photo
 from ray_fer.face_predictor import FacePredictor
-from ray_fer.faces import DETECT_SIZE, TEMPLATE, DetectorError, align_matrices, crop_faces, load_mtcnn
+from ray_fer.face_options import DETECT_SIZE, DetectorError
+from ray_fer.faces import TEMPLATE, align_matrices, crop_faces, load_mtcnn
 from ray_fer.labels import CLASSES
-from ray_fer.model import DEFAULT_MODEL, packaged_model
+from ray_fer.model_ref import DEFAULT_MODEL, packaged_model
 from ray_fer.output import FACE_COLUMNS, SUCCESS_FILE, output_schema
 
 from conftest import REPO, _run_cli

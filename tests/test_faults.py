@@ -96,11 +96,11 @@ def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once
     try:
         assert ready.wait(180), "".join(lines)
         time.sleep(2)  # into the run: some batches done, some in the actor
-        # Ray names an actor's process after its class, "ray::MapWorker(MapBatches(Predictor))"
-        # (FacePredictor under the default --faces auto); only this command's own (its private Ray
+        # Ray names an actor's process after its class, "ray::MapWorker(MapBatches(PredictorActor))"
+        # (FacePredictorActor under the default --faces auto); only this command's own (its private Ray
         # instance's processes descend from it)
         actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if re.search(r"MapBatches\((Face)?Predictor\)", " ".join(p.cmdline()))]
+                  if re.search(r"MapBatches\((Face)?PredictorActor\)", " ".join(p.cmdline()))]
         assert actors, "no predictor actor process found"
         for actor in actors:
             actor.send_signal(signal.SIGKILL)

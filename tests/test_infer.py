@@ -198,6 +198,22 @@ def test_fer_images_and_odd_files_one_row_each(ray_local, fer_root, random_bundl
 
 
 @pytest.mark.integration
+def test_a_state_dict_as_model_fails_with_one_line_before_any_labelling(ray_local, fer_root, random_bundle, tmp_path):
+    # a torch.save archive passes the driver's own check (model_ref.ModelFile); the Ray task that
+    # opens it finds it is not a bundle, and its error reaches the user as itself, not a RayTaskError
+    state = tmp_path / "weights.pt"
+    torch.save(load_bundle(random_bundle)[0].state_dict, state)
+    inputs = tmp_path / "in"
+    _fer_folder(fer_root, inputs, per_class=1)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        label_images(InferConfig(model=str(state), input=str(inputs), output=str(out), faces="whole"))
+    assert type(e.value).__name__ == "ModelLoadError"
+    assert str(e.value).startswith(f"{str(state)!r} is not a ray-fer model bundle; pass the model.pt")
+    assert not out.exists()  # checked before the output was touched
+
+
+@pytest.mark.integration
 def test_overwrite_refusal_and_skip_existing_resume(ray_local, fer_root, random_bundle, tiny_bundle, tmp_path):
     folder = tmp_path / "images"
     _fer_folder(fer_root, folder, per_class=4)

@@ -10,8 +10,9 @@ import torch
 
 from conftest import _run_cli
 from ray_fer.config import InferConfig
-from ray_fer.model import DEFAULT_MODEL, load_bundle
-from ray_fer.runs import resolve_model
+from ray_fer.model import load_bundle
+from ray_fer.model_ref import DEFAULT_MODEL
+from ray_fer.model_ref import resolve_model
 
 # Measured: 0.621 on FER2013 val without TTA (docs/training.md); a broken build falls far below.
 VAL_ACCURACY_FLOOR = 0.58

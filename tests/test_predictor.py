@@ -13,7 +13,8 @@ from ray_fer.decode import decode_image
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import load_bundle
 from ray_fer.precision import cpu_has_native_bf16
-from ray_fer.predictor import CPU_CHUNK, PlanError, Predictor, fold_batchnorm, plan_predictors, predict_probs
+from ray_fer.plan import CPU_CHUNK, PlanError, plan_predictors
+from ray_fer.predictor import Predictor, fold_batchnorm, predict_probs
 
 
 def _predictor(uri: str, **kwargs) -> Predictor:

@@ -1,0 +1,118 @@
+"""The model as the driver of a labelling job holds it: the file a --model names, and a reference
+to its bundle, opened in a Ray task. The driver never imports torch.
+
+torch's import alone is about 500 MB of a process's memory (measured: 506 MB RSS after `import
+torch`, 163 MB after `import ray.data`). A driver that loaded the bundle itself peaked at 1,070 MB
+labelling 1,000,000 files (docs/scale.md). The driver needs only what the bundle says about
+itself: its identity, classes and sizes (`ModelRef`). The predictor actors get the bundle through
+the object store; they import torch anyway.
+
+    ModelFile.read(model)      driver, before any cluster work: which file (packaged name, run
+                               folder, path or s3:// URI), its bytes, and that they are a torch.save
+                               archive
+    pipeline.open_model(file)  a Ray task loads the bundle (weights_only): its ModelRef
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+from ray_fer import storage
+from ray_fer.config import UserError
+
+# Models that ship inside the package (ray_fer/models/<name>.pt), usable by name as --model
+PACKAGED_MODELS = {"fer2013": "trained by `ray-fer train --config jobs/fer2013-cpu.yaml` on FER2013 train"}
+DEFAULT_MODEL = "fer2013"
+BUNDLE_FILE = "model.pt"  # a training run's exported best model, in its run folder (runs.py)
+OPEN_CPUS = 0.25  # the task that opens a bundle: a moment of one core, before any labelling
+
+
+class ModelLoadError(UserError):
+    """A weights or bundle file that cannot be used; the message names the file and the fix."""
+
+
+def packaged_model(name: str) -> str | None:
+    """The file of a model shipped in the package (see PACKAGED_MODELS), or None for other names."""
+    if name not in PACKAGED_MODELS:
+        return None
+    from importlib.resources import files
+
+    path = files("ray_fer") / "models" / f"{name}.pt"
+    if not path.is_file():
+        raise ModelLoadError(f"this installation lacks the packaged model {name!r} ({path}); reinstall ray-fer, "
+                             "or pass --model with a model.pt that `ray-fer train` wrote")
+    return str(path)
+
+
+def resolve_model(uri: str) -> str:
+    """A model bundle's URI: the file of a packaged model given by name (e.g. "fer2013"), the path
+    itself, or <run folder>/model.pt when given a run folder. A packaged model's name wins over a
+    local file or folder of that name: write ./fer2013 for those."""
+    packaged = packaged_model(uri)
+    if packaged is not None:
+        return packaged
+    if storage.is_dir(uri):
+        inner = storage.join(uri, BUNDLE_FILE)
+        if not storage.exists(inner):
+            raise UserError(f"{uri!r} is a folder without {BUNDLE_FILE}; pass the model.pt that `ray-fer train` "
+                            "wrote (training writes it when the run finishes)")
+        return inner
+    if not storage.exists(uri):
+        raise UserError(f"model {uri!r} does not exist; pass the model.pt that `ray-fer train` wrote "
+                        "(<run.storage_path>/<run.name>/model.pt), its run folder, or a packaged model: "
+                        + ", ".join(PACKAGED_MODELS))
+    return uri
+
+
+def read_model_file(uri: str) -> bytes:
+    """The bytes of a model file (local path or s3:// URI); ModelLoadError where it cannot be read."""
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, OSError) as e:
+        raise ModelLoadError(f"cannot read model file {uri!r}: {e}; check the path or URI") from None
+
+
+def not_loadable(uri: str, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{uri!r} is not a loadable PyTorch weights file ({reason}); "
+        "pass a model bundle written by `ray-fer train` or a state dict saved with torch.save"
+    )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model bundle in the object store, and what the driver needs to know of it."""
+
+    uri: str  # the file it was read from
+    model_id: str  # model.model_id: names the model in every output row
+    classes: tuple[str, ...]
+    image_size: int
+    decode_size: int
+    bundle: Any  # ray.ObjectRef of the model.ModelBundle: Predictor takes it as its model
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file read on the driver, checked as far as that needs no torch."""
+
+    uri: str
+    data: bytes
+
+    @classmethod
+    def read(cls, model: str) -> ModelFile:
+        """Resolve --model (`resolve_model`) and read it. A file that is not a torch.save archive
+        (a zip with a data.pkl, as torch has written since 1.6) fails here, before any cluster
+        work; whether it is a ray-fer bundle is known once `pipeline.open_model` loads it."""
+        uri = resolve_model(model)
+        data = read_model_file(uri)
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                pickled = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+        except zipfile.BadZipFile:
+            raise not_loadable(uri, "not a zip archive, as torch.save writes") from None
+        if not pickled:
+            raise not_loadable(uri, "a zip archive without the data.pkl that torch.save writes")
+        return cls(uri, data)
