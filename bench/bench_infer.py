@@ -246,6 +246,22 @@ def quick_trained_bundle(path: str, image_size: int, train_dir: str, per_class: 
     return path
 
 
+def ceiling_ratios(results: dict[str, Any], model_rate: float) -> dict[str, Any]:
+    """The ratios to the plain loop that a pipeline spending no time on anything but the model
+    call would reach: in steady state, and on the large input with the pipeline's measured
+    start-up. A target above them cannot be met on this machine by better plumbing."""
+    e2e = results["e2e"]
+    best_plain = max(r["images_per_s"] for name, r in e2e.items() if name.startswith("plain_torch"))
+    out: dict[str, Any] = {"steady": round(model_rate / best_plain, 2)}
+    large = results.get("e2e_large", {})
+    if "pipeline_startup_s" in large:
+        plain = next(r for name, r in large.items() if name.startswith("plain_torch"))
+        n, startup = large["pipeline"]["images"], large["pipeline_startup_s"]
+        out |= {"images": n, "startup_s": startup,
+                "with_startup": round(n / (startup + n / model_rate) / plain["images_per_s"], 2)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder with class sub-folders")
@@ -337,13 +353,22 @@ def main() -> None:
     if "model" not in args.skip:
         speed = model_speed(model, args.image_size, args.data)
         results["model_call"] = speed
-        print(f"\n3. model call alone, batch 64 at {args.image_size} px, {torch.get_num_threads()} threads")
+        size = f"{args.image_size} px" if not args.model else "the bundle's input size"
+        print(f"\n3. model call alone, batch 64 at {size}, {torch.get_num_threads()} threads")
         for name, rate in speed.items():
             print(f"   {name:<20} {rate:>8,.0f} images/s")
         agree = bf16_agreement(model, args.data)
         results["bf16_vs_fp32"] = agree
         print(f"   bf16 vs fp32 labels agree on {agree['label_agreement']:.2%} of {agree['images']} images "
               f"(largest probability difference {agree['max_prob_diff']})")
+        if "e2e" in results:
+            results["bound"] = ceiling_ratios(results, speed["bf16 channels_last"])
+            bound = results["bound"]
+            print(f"\n4. the most the pipeline could reach on this machine: the model call alone (bf16, "
+                  f"{speed['bf16 channels_last']:,.0f} images/s) over the best plain loop = {bound['steady']:.2f}x")
+            if "with_startup" in bound:
+                print(f"   on {bound['images']:,} images with the measured start-up ({bound['startup_s']:.1f} s): "
+                      f"{bound['with_startup']:.2f}x", flush=True)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results))
 
