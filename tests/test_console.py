@@ -81,6 +81,7 @@ def test_infer_prints_one_progress_display_and_worker_logs(trained, fer_root):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # one more private Ray instance; test_evaluate covers evaluation in the default run
 def test_evaluate_prints_progress_and_the_summary(trained, fer_root):
     work, _ = trained
     lines = _ray_fer("evaluate", "--model", str(work / "runs" / "fer"), "--data", str(fer_root / "val"),
@@ -93,6 +94,7 @@ def test_evaluate_prints_progress_and_the_summary(trained, fer_root):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # one more private Ray instance; keeps the default run under 15 minutes
 def test_verbose_brings_rays_own_lines_back(trained, fer_root):
     work, _ = trained
     lines = _ray_fer("infer", "-v", "--model", str(work / "runs" / "fer" / "model.pt"),

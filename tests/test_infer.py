@@ -424,6 +424,7 @@ def test_a_killed_run_leaves_the_output_whole_and_skip_existing_finishes(
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a private Ray instance of its own; test_console's infer run covers the same in the default run
 def test_cli_as_a_user_runs_it(fer_root, random_bundle, tmp_path):
     """`ray-fer infer` in its own process (its own Ray): the last stdout line is the JSON summary."""
     folder = tmp_path / "images"
