@@ -23,7 +23,7 @@ from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 from ray_fer import storage
 from ray_fer.images import IMAGENET_MEAN, IMAGENET_STD, EvalPreset
 from ray_fer.labels import CLASSES, NUM_CLASSES
-from ray_fer.model_ref import ModelLoadError, packaged_model, read_model_file
+from ray_fer.model_ref import ModelLoadError, not_loadable, packaged_model, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,7 @@ def _torch_load(data: bytes, source: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors alike
-        raise ModelLoadError(
-            f"{source!r} is not a loadable PyTorch weights file ({type(e).__name__}: {str(e)[:200]}); "
-            "pass a model bundle written by `ray-fer train` or a state dict saved with torch.save"
-        ) from None
+        raise not_loadable(source, f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], int | None]:

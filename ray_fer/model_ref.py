@@ -76,6 +76,7 @@ def read_model_file(uri: str) -> bytes:
 
 
 def not_loadable(uri: str, reason: str) -> ModelLoadError:
+    """The error for a file torch cannot load (checked here on the driver, and by model.py's load)."""
     return ModelLoadError(
         f"{uri!r} is not a loadable PyTorch weights file ({reason}); "
         "pass a model bundle written by `ray-fer train` or a state dict saved with torch.save"
@@ -86,7 +87,6 @@ def not_loadable(uri: str, reason: str) -> ModelLoadError:
 class ModelRef:
     """A model bundle in the object store, and what the driver needs to know of it."""
 
-    uri: str  # the file it was read from
     model_id: str  # model.model_id: names the model in every output row
     classes: tuple[str, ...]
     image_size: int

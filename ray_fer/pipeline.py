@@ -103,7 +103,7 @@ def open_model(file: ModelFile) -> ModelRef:
         if isinstance(e.cause, UserError):
             raise e.cause from None
         raise
-    return ModelRef(uri=file.uri, bundle=bundle, **info)
+    return ModelRef(bundle=bundle, **info)
 
 
 def _open_bundle(data: bytes, uri: str) -> tuple[dict[str, Any], Any]:
