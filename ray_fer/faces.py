@@ -35,6 +35,11 @@ MIN_FACE = 20  # smallest face searched, in pixels of the detection copy (MTCNN'
 # on ../shared/data/photos five false faces fewer, none of the listed faces lost.
 THRESHOLDS = (0.4, 0.5, 0.95)
 PYRAMID_FACTOR = 0.709
+# Pixels of each pyramid level, half P-Net's 12-pixel window, by which its windows may reach past
+# an image's frame (the edge pixels repeated there): faces cut by the frame are found, at every
+# scale. Windows inside the frame are computed as without it (an even reach keeps P-Net's stride-2
+# grid). test-obama_partial_face2.jpg (../shared/data/photos) holds such a face.
+EDGE_REACH = 6
 CROP_SIZE = 48  # FER2013's side; the template below is in its pixels
 # Where FER2013's crops have the five landmarks, in pixels of the 48x48 frame: the medians the
 # detector finds on 776 FER2013 train crops (bench/fer_framing.py), the eyes' and the mouth corners'
@@ -57,6 +62,10 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @staticmethod
+    def empty() -> Detections:
+        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
 
     def scaled(self, sx: float, sy: float, width: int, height: int) -> Detections:
         """The same faces in another image's pixels (x times sx, y times sy), boxes clipped to it."""
@@ -91,68 +100,99 @@ class FaceDetector:
         self.thresholds = thresholds
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray]) -> list[Detections]:
-        """Faces in each of `images` (uint8 (h, w, 3) RGB, any sizes), left to right.
+    def detect(self, images: list[np.ndarray], chunk: int | None = None) -> list[Detections]:
+        """Faces in each of `images` (uint8 (h, w, 3) RGB, any sizes), left to right, in each
+        image's own pixels, boxes clipped to it; at most `chunk` images (default: all) per pass.
 
-        The batch is padded to its largest height and width and detected in one pass; boxes are
-        in each image's own pixels, clipped to it. Padding repeats each image's edge pixels: a
-        black border made false faces along it (seen on photos of people), a repeated edge does not."""
-        if not images:
-            return []
-        height = max(im.shape[0] for im in images)
-        width = max(im.shape[1] for im in images)
-        batch = np.empty((len(images), height, width, 3), dtype=np.uint8)
+        Each image is searched as if it were alone: its own pyramid, its own edge pixels repeated
+        past its frame (EDGE_REACH), and nothing found in the padding that brings a pass's images
+        to one size. So a photo's faces do not depend on which photos share its pass (Ray Data's
+        batches differ from run to run, and `ray-fer predict` detects one photo alone), and one
+        pass may hold photos of any sizes (on a GPU, one pass per batch)."""
+        out: list[Detections] = [Detections.empty()] * len(images)
+        order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])  # alike sizes: less padding
+        step = chunk or max(1, len(images))
+        for start in range(0, len(order), step):
+            part = order[start:start + step]
+            for i, found in zip(part, self._detect([images[i] for i in part])):
+                out[i] = found
+        return out
+
+    def _detect(self, images: list[np.ndarray]) -> list[Detections]:
+        sizes = [im.shape[:2] for im in images]
+        # what R-Net and O-Net cut from: each image at offset `margin` of one canvas, its edge
+        # pixels repeated to the canvas' edges (the same pixels whatever the canvas' size)
+        reach = [min(h, w) // 4 for h, w in sizes]  # how far past its frame a box may see its image
+        margin = max(reach)
+        height = max(h for h, _ in sizes) + 2 * margin
+        width = max(w for _, w in sizes) + 2 * margin
+        canvas = np.empty((len(images), height, width, 3), dtype=np.uint8)
         for i, im in enumerate(images):
             h, w = im.shape[:2]
-            batch[i] = np.pad(im, ((0, height - h), (0, width - w), (0, 0)), mode="edge") if (h, w) != (height, width) else im
+            canvas[i] = np.pad(im, ((margin, height - h - margin), (margin, width - w - margin), (0, 0)), mode="edge")
         # NCHW for the resizing (2x faster there), channels_last for the networks (measured on CPU)
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().contiguous()
+        x = torch.from_numpy(canvas).to(self.device).permute(0, 3, 1, 2).float().contiguous()
         x = (x - 127.5) * 0.0078125  # MTCNN's input scaling
-        boxes, index = self._propose(x)
-        boxes, index = self._refine(x, boxes, index)
-        boxes, points, index = self._output(x, boxes, index)
+        frames = torch.tensor([[w, h, r] for (h, w), r in zip(sizes, reach)], dtype=x.dtype, device=x.device)
+        boxes, index = self._propose(x, margin, sizes)
+        boxes, index = self._refine(x, margin, frames, boxes, index)
+        boxes, points, index = self._output(x, margin, frames, boxes, index)
         boxes, points, index = boxes.cpu().numpy(), points.cpu().numpy(), index.cpu().numpy()
         # MTCNN counts whole pixels (x2 is the last pixel's index, a point its pixel's index)
         boxes[:, 2:4] += 1
         points += 0.5
         out = []
-        for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            mine = index == i
-            b, p = boxes[mine], points[mine]
-            inside = ((b[:, 0] + b[:, 2]) / 2 < w) & ((b[:, 1] + b[:, 3]) / 2 < h)  # not in the padding
+        for i, (h, w) in enumerate(sizes):
+            b, p = boxes[index == i], points[index == i]
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+            inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)  # a face cut by the frame: its centre in it
             b, p = b[inside], p[inside]
             order = np.lexsort(((b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2))  # left to right
             out.append(Detections(b[order, :4].astype(np.float32), b[order, 4].astype(np.float32),
                                   p[order].astype(np.float32)).scaled(1.0, 1.0, w, h))
         return out
 
-    def _propose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """P-Net over an image pyramid: candidate boxes (k, 5: x1 y1 x2 y2 score) and their image."""
+    def _propose(self, x: torch.Tensor, margin: int, sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """P-Net over each image's pyramid: candidate boxes (k, 5: x1 y1 x2 y2 score), in the
+        image's pixels, and their image. Each level is resized from the image alone, its edge
+        repeated EDGE_REACH pixels past it, then padded to the pass' largest level; windows that
+        reach further into that padding are not looked at."""
         from torchvision.ops import batched_nms
 
-        h, w = x.shape[2:]
+        reach = EDGE_REACH
         scale = 12.0 / self.min_face
-        side = min(h, w) * scale
+        firsts: list[torch.Tensor | None] = [None] * len(sizes)
         found, images = [], []
-        first = None
-        while side >= 12:
-            size = (int(h * scale + 1), int(w * scale + 1))
-            # each level from the first, not the full image: a third of the cost, the same pixels
-            level = F.interpolate(x if first is None else first, size=size, mode="area")
-            first = level if first is None else first
-            reg, prob = self.pnet(level.contiguous(memory_format=torch.channels_last))
+        while True:
+            alive = [i for i, (h, w) in enumerate(sizes) if min(h, w) * scale >= 12]
+            if not alive:
+                break
+            levels = []
+            for i in alive:
+                h, w = sizes[i]
+                source = firsts[i] if firsts[i] is not None else x[i:i + 1, :, margin:margin + h, margin:margin + w]
+                # each level from the first, not the full image: a third of the cost, the same pixels
+                level = F.interpolate(source, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
+                firsts[i] = level if firsts[i] is None else firsts[i]
+                levels.append(level)
+            lh = torch.tensor([lv.shape[2] for lv in levels], device=x.device)
+            lw = torch.tensor([lv.shape[3] for lv in levels], device=x.device)
+            top, right = int(lh.max()) + reach, int(lw.max()) + reach
+            batch = torch.cat([F.pad(lv, (reach, right - lv.shape[3], reach, top - lv.shape[2]), mode="replicate")
+                               for lv in levels])
+            reg, prob = self.pnet(batch.contiguous(memory_format=torch.channels_last))
             b, yy, xx = torch.nonzero(prob[:, 1] >= self.thresholds[0], as_tuple=True)
+            mine = (2 * xx + 12 <= lw[b] + 2 * reach) & (2 * yy + 12 <= lh[b] + 2 * reach)  # not past the reach
+            b, yy, xx = b[mine], yy[mine], xx[mine]
             score = prob[b, 1, yy, xx]
             cell = torch.stack([xx, yy], dim=1).to(x.dtype)
-            q1 = torch.floor((2 * cell + 1) / scale)
-            q2 = torch.floor((2 * cell + 12) / scale)
+            q1 = torch.floor((2 * cell + 1 - reach) / scale)
+            q2 = torch.floor((2 * cell + 12 - reach) / scale)
             boxes = torch.cat([q1, q2, score[:, None], reg[b, :, yy, xx]], dim=1)
             keep = batched_nms(boxes[:, :4], score, b, 0.5)
             found.append(boxes[keep])
-            images.append(b[keep])
+            images.append(torch.tensor(alive, device=x.device)[b[keep]])
             scale *= PYRAMID_FACTOR
-            side *= PYRAMID_FACTOR
         if not found:  # smaller than P-Net's 12-pixel window at the smallest face size
             return torch.zeros(0, 5, device=x.device), torch.zeros(0, dtype=torch.long, device=x.device)
         boxes, index = torch.cat(found), torch.cat(images)
@@ -162,24 +202,25 @@ class FaceDetector:
         corners = boxes[:, :4] + boxes[:, 5:9] * size.repeat(1, 2)  # P-Net's box regression
         return _square(torch.cat([corners, boxes[:, 4:5]], dim=1)), index
 
-    def _refine(self, x: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refine(self, x: torch.Tensor, margin: int, frames: torch.Tensor, boxes: torch.Tensor,
+                index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """R-Net on every candidate: rejects most, regresses the rest."""
         from torchvision.ops import batched_nms
 
         if not len(boxes):
             return boxes, index
-        reg, prob = self.rnet(_cut(x, boxes, index, 24))
+        reg, prob = self.rnet(_cut(x, margin, frames, boxes, index, 24))
         keep = prob[:, 1] > self.thresholds[1]
         boxes = torch.cat([boxes[keep, :4], prob[keep, 1:2]], dim=1)
         reg, index = reg[keep], index[keep]
         keep = batched_nms(boxes[:, :4], boxes[:, 4], index, 0.7)
         return _square(_regress(boxes[keep], reg[keep])), index[keep]
 
-    def _output(self, x: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor):
+    def _output(self, x: torch.Tensor, margin: int, frames: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor):
         """O-Net: the final boxes, scores and five landmarks."""
         if not len(boxes):
             return torch.zeros(0, 5, device=x.device), torch.zeros(0, 5, 2, device=x.device), index
-        reg, pts, prob = self.onet(_cut(x, boxes, index, 48))
+        reg, pts, prob = self.onet(_cut(x, margin, frames, boxes, index, 48))
         keep = prob[:, 1] > self.thresholds[2]
         boxes = torch.cat([boxes[keep, :4], prob[keep, 1:2]], dim=1)
         reg, pts, index = reg[keep], pts[keep], index[keep]
@@ -204,18 +245,22 @@ def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes[:, :4] + reg * size.repeat(1, 2), boxes[:, 4:]], dim=1)
 
 
-def _cut(x: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+def _cut(x: torch.Tensor, margin: int, frames: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor,
+         size: int) -> torch.Tensor:
     """Each box's pixels resized to size x size, in one call. As facenet-pytorch, a box is
-    truncated to whole pixels and clipped to the image, and what is left is stretched."""
+    truncated to whole pixels; it is clipped to its image's frame widened by the image's reach
+    (`frames`: width, height, reach per image; the image at offset `margin` of `x`), where the
+    image's edge pixels repeat, and what is left is stretched."""
     from torchvision.ops import roi_align
 
-    h, w = x.shape[2:]
     b = boxes[:, :4].trunc()
-    x1 = b[:, 0].clamp(min=1) - 1
-    y1 = b[:, 1].clamp(min=1) - 1
-    x2 = b[:, 2].clamp(max=w)
-    y2 = b[:, 3].clamp(max=h)
-    rois = torch.stack([index.to(x.dtype), x1, y1, torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)], dim=1)
+    w, h, reach = frames[index, 0], frames[index, 1], frames[index, 2]
+    x1 = torch.maximum(b[:, 0], 1 - reach) - 1
+    y1 = torch.maximum(b[:, 1], 1 - reach) - 1
+    x2 = torch.minimum(b[:, 2], w + reach)
+    y2 = torch.minimum(b[:, 3], h + reach)
+    rois = torch.stack([index.to(x.dtype), x1 + margin, y1 + margin, torch.maximum(x2, x1 + 1) + margin,
+                        torch.maximum(y2, y1 + 1) + margin], dim=1)
     crops = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return crops.contiguous(memory_format=torch.channels_last)
 

@@ -96,6 +96,23 @@ def test_real_photos_yield_their_faces(real_rows):
     assert [counts[name] for name in EXACTLY_TWO] == [2, 2], counts
 
 
+def test_a_photos_faces_do_not_depend_on_its_batch(face_predictor, photos_root):
+    # Ray Data's batches differ from run to run, and `ray-fer predict` detects one photo alone:
+    # a photo gets the same faces alone as among photos of other sizes, the half face of
+    # test-obama_partial_face2.jpg (cut by the frame) included
+    files = sorted(p for p in photos_root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    copies = [decode_photo(f.read_bytes(), detect_size=DETECT_SIZE, size=48).detect for f in files]
+    assert len({c.shape for c in copies}) > 10  # sizes that a shared padding would change
+    together = face_predictor.detector.detect(copies, chunk=8)
+    for name, copy, found in zip([f.name for f in files], copies, together):
+        alone = face_predictor.detector.detect([copy])[0]
+        assert len(alone) == len(found), name
+        np.testing.assert_allclose(alone.boxes, found.boxes, atol=0.05, err_msg=name)
+        np.testing.assert_allclose(alone.scores, found.scores, atol=1e-4, err_msg=name)
+        if name == "test-obama_partial_face2.jpg":
+            assert len(alone) == 1
+
+
 def test_a_photo_without_a_face_gets_one_empty_row(face_predictor, tmp_path):
     rng = np.random.default_rng(0)
     files = []
