@@ -252,8 +252,9 @@ def make_photo_folder(folder: Path, n: int, crops_dir: Path, workers: int) -> Pa
 
 
 def detector_only(folder: Path, device: torch.device, batch: int = 64, seconds: float = 10.0) -> float:
-    """Photos/s of the detector alone on `device`: batches of decoded 640-px copies, padded as the
-    predictor pads them, over and over for `seconds`; the bound for face labelling."""
+    """Photos/s of the detector alone on `device`: `batch` decoded 640-px copies in one pass (as
+    the predictor's GPU passes, face_predictor.DETECT_CHUNK), over and over for `seconds`; the
+    bound for face labelling."""
     from ray_fer.decode import decode_photo
     from ray_fer.faces import FaceDetector
 
