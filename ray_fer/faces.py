@@ -119,11 +119,12 @@ class FaceDetector:
         return out
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections]:
+        """One pass: MTCNN's three stages on all of `images` at once (see `detect`)."""
         sizes = [im.shape[:2] for im in images]
         # what R-Net and O-Net cut from: each image at offset `margin` of one canvas, its edge
         # pixels repeated to the canvas' edges (the same pixels whatever the canvas' size)
-        reach = [min(h, w) // 4 for h, w in sizes]  # how far past its frame a box may see its image
-        margin = max(reach)
+        overhang = [min(h, w) // 4 for h, w in sizes]  # how far past its frame a cut may see its image
+        margin = max(overhang)
         height = max(h for h, _ in sizes) + 2 * margin
         width = max(w for _, w in sizes) + 2 * margin
         canvas = np.empty((len(images), height, width, 3), dtype=np.uint8)
@@ -133,7 +134,7 @@ class FaceDetector:
         # NCHW for the resizing (2x faster there), channels_last for the networks (measured on CPU)
         x = torch.from_numpy(canvas).to(self.device).permute(0, 3, 1, 2).float().contiguous()
         x = (x - 127.5) * 0.0078125  # MTCNN's input scaling
-        frames = torch.tensor([[w, h, r] for (h, w), r in zip(sizes, reach)], dtype=x.dtype, device=x.device)
+        frames = torch.tensor([[w, h, o] for (h, w), o in zip(sizes, overhang)], dtype=x.dtype, device=x.device)
         boxes, index = self._propose(x, margin, sizes)
         boxes, index = self._refine(x, margin, frames, boxes, index)
         boxes, points, index = self._output(x, margin, frames, boxes, index)
@@ -248,17 +249,17 @@ def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
 def _cut(x: torch.Tensor, margin: int, frames: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor,
          size: int) -> torch.Tensor:
     """Each box's pixels resized to size x size, in one call. As facenet-pytorch, a box is
-    truncated to whole pixels; it is clipped to its image's frame widened by the image's reach
-    (`frames`: width, height, reach per image; the image at offset `margin` of `x`), where the
+    truncated to whole pixels; it is clipped to its image's frame widened by the image's overhang
+    (`frames`: width, height, overhang per image; the image at offset `margin` of `x`), where the
     image's edge pixels repeat, and what is left is stretched."""
     from torchvision.ops import roi_align
 
     b = boxes[:, :4].trunc()
-    w, h, reach = frames[index, 0], frames[index, 1], frames[index, 2]
-    x1 = torch.maximum(b[:, 0], 1 - reach) - 1
-    y1 = torch.maximum(b[:, 1], 1 - reach) - 1
-    x2 = torch.minimum(b[:, 2], w + reach)
-    y2 = torch.minimum(b[:, 3], h + reach)
+    w, h, overhang = frames[index, 0], frames[index, 1], frames[index, 2]
+    x1 = torch.maximum(b[:, 0], 1 - overhang) - 1
+    y1 = torch.maximum(b[:, 1], 1 - overhang) - 1
+    x2 = torch.minimum(b[:, 2], w + overhang)
+    y2 = torch.minimum(b[:, 3], h + overhang)
     rois = torch.stack([index.to(x.dtype), x1 + margin, y1 + margin, torch.maximum(x2, x1 + 1) + margin,
                         torch.maximum(y2, y1 + 1) + margin], dim=1)
     crops = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
