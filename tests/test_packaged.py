@@ -14,7 +14,7 @@ from ray_fer.model import load_bundle
 from ray_fer.model_ref import DEFAULT_MODEL
 from ray_fer.model_ref import resolve_model
 
-# Measured: 0.656 on FER2013 val without TTA (docs/training.md); a broken build falls far below.
+# Measured: 0.660 on FER2013 val without TTA (docs/training.md); a broken build falls far below.
 VAL_ACCURACY_FLOOR = 0.62
 
 
