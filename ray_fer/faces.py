@@ -63,10 +63,6 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    @staticmethod
-    def empty() -> Detections:
-        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
-
     def scaled(self, sx: float, sy: float, width: int, height: int) -> Detections:
         """The same faces in another image's pixels (x times sx, y times sy), boxes clipped to it."""
         boxes = self.boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
@@ -109,14 +105,13 @@ class FaceDetector:
         to one size. So a photo's faces do not depend on which photos share its pass (Ray Data's
         batches differ from run to run, and `ray-fer predict` detects one photo alone), and one
         pass may hold photos of any sizes (on a GPU, one pass per batch)."""
-        out: list[Detections] = [Detections.empty()] * len(images)
+        found: dict[int, Detections] = {}
         order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])  # alike sizes: less padding
         step = chunk or max(1, len(images))
         for start in range(0, len(order), step):
             part = order[start:start + step]
-            for i, found in zip(part, self._detect([images[i] for i in part])):
-                out[i] = found
-        return out
+            found.update(zip(part, self._detect([images[i] for i in part])))
+        return [found[i] for i in range(len(images))]
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections]:
         """One pass: MTCNN's three stages on all of `images` at once (see `detect`)."""
