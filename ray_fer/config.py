@@ -69,6 +69,10 @@ class TrainConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule, updated every step
     warmup_epochs: int = 0  # epochs of per-step linear warm-up before the schedule
     label_smoothing: float = 0.0
+    # 0: off. Otherwise keep an exponential moving average of the weights and BatchNorm statistics,
+    # updated after every optimizer step with this decay (0.999 averages over about 1,000 steps):
+    # val metrics, the best checkpoint and the exported model are then the average's
+    ema_decay: float = 0.0
     augment: Literal["standard", "flip_rotate", "none"] = "standard"  # named train preset
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on GPU, off on CPU
     channels_last: bool = True  # faster convolutions on CPU and GPU
@@ -87,6 +91,9 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns the weight average off; 0.999 is "
+                              f"usual), got {self.ema_decay}")
 
 
 @dataclass

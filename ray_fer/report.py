@@ -92,16 +92,17 @@ def plot_training_curves(history: Sequence[dict[str, Any]], best_epoch: int | No
     epochs = [r["epoch"] for r in rows]
     fig = _new_figure((11.0, 4.3), 130)
     axes = fig.subplots(1, 2)
-    panels = (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")))
+    # raw_val_*: the trained weights' own val metrics where val_* are a weight average's (train.ema_decay)
+    panels = (("loss", ("train_loss", "val_loss", "raw_val_loss")), ("accuracy", ("train_acc", "val_acc", "raw_val_acc")))
     for ax, (what, keys) in zip(axes, panels):
         values_seen: list[float] = []
-        for key, colour in zip(keys, ("tab:blue", "tab:orange")):
+        for key, colour in zip(keys, ("tab:blue", "tab:orange", "tab:green")):
             ys = [as_float(r.get(key)) for r in rows]
             if all(math.isnan(y) for y in ys):
                 continue
             values_seen += [y for y in ys if not math.isnan(y)]
             ax.plot(epochs, ys, marker="o", markersize=3.5, color=colour, label=key.replace("_", " "))
-            if best_epoch is not None and best_epoch in epochs:
+            if best_epoch is not None and best_epoch in epochs and not key.startswith("raw_"):
                 y = ys[epochs.index(best_epoch)]
                 if not math.isnan(y):
                     right_half = best_epoch > (epochs[0] + epochs[-1]) / 2  # keep the label inside the axes

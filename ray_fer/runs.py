@@ -120,11 +120,12 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
     """A checkpoint's training state as a model bundle.
 
     The preprocessing and config are the checkpoint's own, the settings its weights were trained
-    with: after a forced resume they can differ from the current config."""
+    with: after a forced resume they can differ from the current config. A run that keeps a weight
+    average (train.ema_decay) exports the average: its val metrics are the average's."""
     from ray_fer.model import ModelBundle
 
     data = state["config"]["data"]
-    return ModelBundle(state_dict=state["model"], image_size=int(data["image_size"]),
+    return ModelBundle(state_dict=state.get("ema", state["model"]), image_size=int(data["image_size"]),
                        decode_size=int(data["decode_size"]),
                        stem_stride=int(state["config"].get("model", {}).get("stem_stride", 2)),
                        config=state["config"], metrics=state["metrics"],
@@ -141,7 +142,7 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
 # preprocessing, model, optimiser, lr, schedule, augmentation, seed) shapes the weights: a
 # change is refused unless run.resume=force.
 RESUMABLE = frozenset({
-    "train.epochs", "train.fail_at_epoch", "train.amp", "train.channels_last", "train.compile",
+    "train.epochs", "train.fail_at_epoch", "train.ema_decay", "train.amp", "train.channels_last", "train.compile",
     "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.max_failures", "run.checkpoints_to_keep",
     "run.shared_storage",
 })

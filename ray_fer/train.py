@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ray_fer import cluster, console, storage
 from ray_fer.config import ConfigError, TrainJobConfig, from_dict
@@ -54,11 +55,13 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     lr_at: Callable[[int], float] | None = None,
+    after_step: Callable[[], None] | None = None,
     fail_after_first_step: bool = False,
 ) -> dict[str, float]:
     """One pass over `batches` of uint8 images; returns this worker's loss sum, correct and count.
 
-    lr_at(i) is the learning rate of the epoch's i-th step (0-based); None keeps the optimizer's."""
+    lr_at(i) is the learning rate of the epoch's i-th step (0-based); None keeps the optimizer's.
+    after_step() runs after every optimizer step (the weight average's update)."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -80,6 +83,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         # note: accumulate on the device; reading .item() here would sync the GPU every step
         loss_sum += loss.detach().double() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -189,6 +194,15 @@ def steps_per_epoch(train_rows: int, val_rows: int, cfg: TrainJobConfig) -> int:
     return share // batch
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and buffers (BatchNorm statistics), or
+    None when train.ema_decay is 0. Its first update copies the model; each later one moves it
+    1 - decay of the way to the model's current weights."""
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 autocast, whose small range underflows gradients; None otherwise."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -226,8 +240,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = load_state(checkpoint)
+    state = load_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         _restore_optimizer(optimizer, state, cfg, log_it=rank == 0)
         if scaler is not None and state.get("scaler"):
@@ -238,6 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch = state["epoch"] + 1
         if rank == 0:
             log.info("resuming run %s after epoch %d", cfg.run.name, state["epoch"])
+    # every rank keeps the same average (DDP keeps the weights equal); rank 0's is checkpointed
+    ema = weight_average(unwrap(model), cfg.train.ema_decay)
+    if ema is not None and state is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(int(state["ema_updates"]))
+    # a run resumed with the average newly turned on starts it from the resumed weights
 
     augment = train_preset(cfg.train.augment, image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
     plain = EvalPreset(image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
@@ -248,6 +268,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     batch_kwargs = dict(dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu",
                         pin_memory=on_gpu, prefetch_batches=4 if on_gpu else 1)
     fault_marker = config.get("fault_marker")
+
+    def val_batches():
+        return val_shard.iter_torch_batches(batch_size=max(64, cfg.train.batch_size), **batch_kwargs)
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
@@ -265,16 +288,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
             amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
             lr_at=lambda i: base_lr * lr_factor(first_step + i, steps, cfg),
+            after_step=None if ema is None else lambda: ema.update_parameters(unwrap(model)),
         )
         if tr["count"] == 0:  # the driver checks the row counts; this catches a split that differs
             raise RuntimeError(f"epoch {epoch} ran no training step on rank {rank}: train.batch_size="
                                f"{cfg.train.batch_size} is larger than this worker's share of the training data; "
                                "lower train.batch_size or run.num_workers")
         train_s = time.perf_counter() - t0
-        va = evaluate(model, val_shard.iter_torch_batches(batch_size=max(64, cfg.train.batch_size), **batch_kwargs),
-                      plain, device=device, amp_dtype=amp_dtype)
+        # with a weight average, val_* are the average's (what is exported) and raw_val_* the model's
+        va = evaluate(model if ema is None else ema.module, val_batches(), plain, device=device, amp_dtype=amp_dtype)
+        va = _all_reduce(va, device)
+        if ema is not None:
+            raw = _all_reduce(evaluate(model, val_batches(), plain, device=device, amp_dtype=amp_dtype), device)
         current_lr = optimizer.param_groups[0]["lr"]  # the epoch's last step
-        tr, va = _all_reduce(tr, device), _all_reduce(va, device)
+        tr = _all_reduce(tr, device)
         metrics = {
             "epoch": epoch,
             "train_loss": tr["loss_sum"] / max(1.0, tr["count"]),
@@ -282,6 +309,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "val_loss": va["loss_sum"] / max(1.0, va["count"]),
             "val_acc": va["correct"] / max(1.0, va["count"]),
             "lr": current_lr,
+            **({} if ema is None else {"raw_val_loss": raw["loss_sum"] / max(1.0, raw["count"]),
+                                       "raw_val_acc": raw["correct"] / max(1.0, raw["count"])}),
             "epoch_s": time.perf_counter() - t0,
             "train_images_per_s": tr["count"] / max(train_s, 1e-9),
         }
@@ -301,6 +330,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "history": history,
                     "metrics": metrics,
                     "config": asdict(cfg),
+                    **({} if ema is None else {"ema": ema.module.state_dict(),
+                                               "ema_updates": int(ema.n_averaged.item())}),
                 })
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

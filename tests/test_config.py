@@ -48,6 +48,7 @@ def test_int_is_accepted_for_float_and_choices_ignore_case():
         ("run.use_gpu=maybe", "run.use_gpu: 'maybe' is not valid; choose one of: auto, true, false"),
         ("data.image_size=16", "data.image_size must be >= 32, got 16"),
         ("train.label_smoothing=1.5", "train.label_smoothing must be in [0, 1)"),
+        ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
         ("run.name=a/b", "run.name must be a non-empty name without '/'"),
         ("train.channels_last=yes please", "train.channels_last must be true or false"),
         ("train=3", "train must be a mapping"),

@@ -155,6 +155,7 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local,
          "--set", "data.limit_per_class=12", "--set", "data.image_size=48", "--set", "train.batch_size=16",
          "--set", "train.epochs=3", "--set", "train.warmup_epochs=1",
          "--set", "train.fail_at_epoch=2", "--set", "run.max_failures=1",
+         "--set", "train.ema_decay=0.5",
          "--set", "run.num_workers=2", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=crash"],
         env=env, capture_output=True, text=True, timeout=600,
     )
@@ -171,6 +172,17 @@ def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local,
     steps = steps_per_epoch(84, 84, cfg)
     assert steps == 2
     assert [h["lr"] for h in history] == pytest.approx([0.001 * lr_factor(e * steps - 1, steps, cfg) for e in (1, 2, 3)])
+
+    # the weight average (train.ema_decay) came back with the restart: 3 epochs of 2 steps averaged, not the
+    # 4 since it; it is what was scored as val_* and exported, beside the trained weights' own raw_val_*
+    bundle = load_bundle(summary["model"])[0]
+    states = [torch.load(d / STATE_FILE, weights_only=True) for d in (tmp_path / "crash").glob("checkpoint_*/")]
+    assert max(s["ema_updates"] for s in states) == 3 * steps
+    best = next(s for s in states if s["epoch"] == summary["best_epoch"])
+    assert all(torch.equal(best["ema"][k], bundle.state_dict[k]) for k in best["ema"])
+    assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"] if best["model"][k].is_floating_point())
+    assert all({"raw_val_loss", "raw_val_acc"} <= set(h) for h in history)
+    assert any(h["raw_val_loss"] != pytest.approx(h["val_loss"], abs=1e-6) for h in history)
 
 
 def test_bad_input_fails_before_any_ray_work(tmp_path):
