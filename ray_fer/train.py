@@ -252,12 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch = state["epoch"] + 1
         if rank == 0:
             log.info("resuming run %s after epoch %d", cfg.run.name, state["epoch"])
-    # every rank keeps the same average (DDP keeps the weights equal); rank 0's is checkpointed
+    # every rank keeps the same average (DDP keeps the weights equal); rank 0's is checkpointed.
+    # A run resumed with the average newly turned on starts it from the resumed weights.
     ema = weight_average(unwrap(model), cfg.train.ema_decay)
     if ema is not None and state is not None and "ema" in state:
         ema.module.load_state_dict(state["ema"])
         ema.n_averaged.fill_(int(state["ema_updates"]))
-    # a run resumed with the average newly turned on starts it from the resumed weights
 
     augment = train_preset(cfg.train.augment, image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
     plain = EvalPreset(image_size=cfg.data.image_size, channels_last=cfg.train.channels_last)
