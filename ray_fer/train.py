@@ -129,6 +129,12 @@ def _all_reduce(sums: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, t.tolist()))
 
 
+def _means(prefix: str, sums: dict[str, float]) -> dict[str, float]:
+    """`<prefix>_loss` and `<prefix>_acc` from the summed totals of `train_one_epoch` / `evaluate`."""
+    count = max(1.0, sums["count"])
+    return {f"{prefix}_loss": sums["loss_sum"] / count, f"{prefix}_acc": sums["correct"] / count}
+
+
 def _kill_self() -> None:
     log.warning("fault injection: killing this training worker (pid %d)", os.getpid())
     os.kill(os.getpid(), signal.SIGKILL)
@@ -304,13 +310,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         tr = _all_reduce(tr, device)
         metrics = {
             "epoch": epoch,
-            "train_loss": tr["loss_sum"] / max(1.0, tr["count"]),
-            "train_acc": tr["correct"] / max(1.0, tr["count"]),
-            "val_loss": va["loss_sum"] / max(1.0, va["count"]),
-            "val_acc": va["correct"] / max(1.0, va["count"]),
+            **_means("train", tr),
+            **_means("val", va),
             "lr": current_lr,
-            **({} if ema is None else {"raw_val_loss": raw["loss_sum"] / max(1.0, raw["count"]),
-                                       "raw_val_acc": raw["correct"] / max(1.0, raw["count"])}),
+            **({} if ema is None else _means("raw_val", raw)),
             "epoch_s": time.perf_counter() - t0,
             "train_images_per_s": tr["count"] / max(train_s, 1e-9),
         }
