@@ -15,10 +15,17 @@ the variants taking turns.
      photo at a time in one process: the pipeline's gain beyond the detector's implementation.
 2. the detector alone on the real photos (../shared/data/photos) at detection sizes 640 and
    1024: milliseconds per photo on one thread and faces found (how faces.DETECT_SIZE was chosen).
+3. memory: the pipeline's peak memory per process (RSS, and USS: its own pages, without shared
+   libraries and object-store pages) for the predictor actors and the decode tasks, sampled from
+   /proc while it labels --photos files of 1280x960 and then the same photos enlarged to 24
+   megapixels (5664x4248; --memory-distinct distinct images, hard-linked to --photos files).
 
-Targets on 2 CPU cores: >= 10 photos/s and >= 1.5x plain_facenet.
+Targets on 2 CPU cores: >= 10 photos/s and >= 1.5x plain_facenet; the actors' peak USS on
+24-megapixel photos within the memory they declare (plan.FACE_PREDICTOR_MEMORY, 4 GiB): bounded
+by the decoded copies (at most a 1,920-px gray and a 640-px RGB copy of each photo: 3.6 MB), not
+the photos' size (a 128-photo batch of full-size copies would hold 12 GB).
 
-    .venv/bin/python bench/bench_faces.py [--photos 240] [--model fer2013] [--repeats 3]
+    .venv/bin/python bench/bench_faces.py [--photos 240] [--model fer2013] [--repeats 3] [--skip e2e sizes]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -166,13 +174,108 @@ def detection_sizes(sizes: tuple[int, ...] = (640, 1024)) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# 3. Memory on big photos
+
+BIG = (5664, 4248)  # 24.06 megapixels, 4:3 like the 1280x960 photos it is enlarged from
+ROLES = {"actors": "FacePredictorActor", "decode tasks": "decode_photos"}  # in Ray's process titles
+
+
+class PeakMemory:
+    """Peak RSS and USS per Ray process whose title names a pipeline stage (ROLES), sampled from
+    /proc: RSS every 0.2 s, USS (reading smaps costs more) every second."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, dict[int, list[int]]] = {role: {} for role in ROLES}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil  # Ray's bundled copy, on sys.path once Ray is imported
+
+        tick = 0
+        while not self._stop.wait(0.2):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                title = " ".join(p.info["cmdline"] or ())
+                role = next((r for r, name in ROLES.items() if name in title), None)
+                if role is None:
+                    continue
+                try:
+                    peak = self.peaks[role].setdefault(p.pid, [0, 0])
+                    peak[0] = max(peak[0], p.memory_info().rss)
+                    if tick % 5 == 0:
+                        peak[1] = max(peak[1], p.memory_full_info().uss)
+                except psutil.Error:
+                    continue
+            tick += 1
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per role: the processes seen and the largest peak RSS and USS among them, in MB."""
+        return {role: {"processes": len(peaks), "peak_rss_mb": round(max((p[0] for p in peaks.values()), default=0) / 2**20),
+                       "peak_uss_mb": round(max((p[1] for p in peaks.values()), default=0) / 2**20)}
+                for role, peaks in self.peaks.items()}
+
+
+def make_big_photos(small: list[str], folder: Path, n: int, distinct: int) -> list[str]:
+    """n files in `folder`: the first `distinct` small photos enlarged to BIG (JPEG quality 90),
+    hard-linked in turn (the same bytes, so the files cost no disk and decode alike)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i, path in enumerate(small[:distinct]):
+        with Image.open(path) as im:
+            sources.append(str(folder / f"src-{i:03d}.jpg"))
+            im.resize(BIG, Image.Resampling.BICUBIC).save(sources[-1], quality=90)
+    paths = [sources[i] for i in range(min(n, len(sources)))]
+    for i in range(len(sources), n):
+        paths.append(str(folder / f"{i:05d}.jpg"))
+        os.link(sources[i % len(sources)], paths[-1])
+    return paths
+
+
+def memory(paths: list[str], tmp: str, model: str, distinct: int) -> dict[str, Any]:
+    """The pipeline's peak memory per stage on the photos in `paths` (1280x960) and on the same
+    photos enlarged to 24 megapixels; one run each, Ray started afresh for each."""
+    import ray
+
+    small = Path(tmp) / "memory-small"
+    small.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(paths):
+        os.link(path, small / f"{i:05d}.jpg")
+    start = time.perf_counter()
+    make_big_photos(paths, Path(tmp) / "memory-big", len(paths), distinct)
+    print(f"{len(paths)} photos of {BIG[0]}x{BIG[1]} ({distinct} distinct) written in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    out: dict[str, Any] = {}
+    for name, folder in (("1280x960", small), (f"{BIG[0]}x{BIG[1]}", Path(tmp) / "memory-big")):
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        with PeakMemory() as peaks:
+            start = time.perf_counter()
+            n = pipeline(str(folder), model, os.path.join(tmp, f"memory-out-{name}"))
+            seconds = time.perf_counter() - start
+        ray.shutdown()
+        out[name] = {"photos": n, "seconds": round(seconds, 1), "photos_per_s": round(n / seconds, 1), **peaks.summary()}
+    small_uss, big_uss = (out[k]["actors"]["peak_uss_mb"] for k in out)
+    out["actor_uss_ratio"] = round(big_uss / max(small_uss, 1), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=int, default=240, help="synthetic 1280x960 photos to label")
     parser.add_argument("--model", help="model bundle (default: the packaged fer2013, else one trained here)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crops", default=str(DATA / "fer2013" / "val"), help="FER2013 faces to paste")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "sizes"])
+    parser.add_argument("--memory-distinct", type=int, default=16, help="distinct 24-megapixel photos (section 3)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "sizes", "memory"])
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance on loopback
@@ -217,6 +320,23 @@ def main() -> None:
         print("\n2. the detector alone on the real photos, one thread")
         for size, r in sizes.items():
             print(f"   {size:>5} px: {r}")
+    if "memory" not in args.skip:
+        model = results.get("model") or resolve_bundle(args.model, tmp)
+        paths = sorted(str(p) for p in (Path(tmp) / "photos").glob("*.jpg")) or \
+            make_photos(Path(tmp) / "photos", args.photos, Path(args.crops))
+        mem = memory(paths, tmp, model, args.memory_distinct)
+        results["memory"] = mem
+        print(f"\n3. peak memory per process while labelling {args.photos} photos (MB; USS: its own pages)")
+        for name, r in mem.items():
+            if isinstance(r, dict):
+                stages = "; ".join(f"{role}: {v['processes']} seen, RSS {v['peak_rss_mb']:,}, USS {v['peak_uss_mb']:,}"
+                                   for role, v in r.items() if isinstance(v, dict))
+                print(f"   {name:>9}: {r['photos_per_s']} photos/s; {stages}")
+        from ray_fer.plan import FACE_PREDICTOR_MEMORY
+
+        big = mem[f"{BIG[0]}x{BIG[1]}"]["actors"]["peak_uss_mb"]
+        print(f"   actors' peak USS on 24 megapixels: {big:,} MB, {mem['actor_uss_ratio']:.2f}x that on 1280x960 "
+              f"(target: within the {FACE_PREDICTOR_MEMORY / 2**20:,.0f} MB they declare)", flush=True)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results))
 

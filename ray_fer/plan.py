@@ -12,6 +12,10 @@ from ray_fer.config import UserError
 # also keeps Ray from fusing the decode tasks into the actors, which it does when the two stages
 # ask for the same resources (ray-project/ray#54433): decoding must stay on its own CPU tasks.
 PREDICTOR_MEMORY = 2 * 1024**3
+# With faces: the detector's passes and a batch of 128 decoded photos (bench_faces.py section 3,
+# 2 CPU actors: peak USS 2.8 GB on 1280x960 photos, 3.2 GB on 24-megapixel ones, whose copies
+# decoding caps; Ray Data measured up to 3.1-4.3 GiB per actor, object-store pages included).
+FACE_PREDICTOR_MEMORY = 4 * 1024**3
 DECODE_SHARE = 0.1  # CPUs kept for decode tasks and the write stage beside CPU predictor actors
 CPU_CHUNK = 128  # rows per model call on CPU (a predictor batch holds several)
 
@@ -57,7 +61,8 @@ def plan_predictors(
         raise PlanError(f"the Ray cluster has {cpus:g} CPUs; labelling needs at least 1 for reading and decoding")
     decode_cpus = 1.0 if cpus >= 2 else 0.5
     # declare at most half the cluster's memory across the pool: a small laptop must not wait for ever
-    memory_total = float(resources.get("memory", 0)) or 2.0 * PREDICTOR_MEMORY * max(gpus, 1)
+    wanted = FACE_PREDICTOR_MEMORY if faces else PREDICTOR_MEMORY
+    memory_total = float(resources.get("memory", 0)) or 2.0 * wanted * max(gpus, 1)
     if device == "gpu" and gpus == 0 and not autoscaling:
         raise PlanError("device=gpu but the Ray cluster has no GPUs (and this local instance cannot add any); "
                         "use --set device=auto or device=cpu")
@@ -69,7 +74,7 @@ def plan_predictors(
         return PredictorPlan(device="gpu", actors=n, min_actors=max(1, min(gpus, n)),
                              num_cpus=min(1.0, cpus / (2 * n)), num_gpus=1,
                              threads=2, batch_size=batch_size or (256 if faces else 512), tasks_in_flight=4,
-                             memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=decode_cpus)
+                             memory=int(min(wanted, memory_total / (2 * n))), decode_cpus=decode_cpus)
     # CPU: decoding a small face costs about a twentieth of the model's work for it (FER2013 on one
     # core: ~15,000 decodes/s, ~600 model images/s), so decode tasks (a quarter CPU each) and the
     # write stage share DECODE_SHARE of the CPUs (at least 0.75) and the actors the rest; their
@@ -84,4 +89,4 @@ def plan_predictors(
     n = actors or max(1, round(cpus / threads))
     return PredictorPlan(device="cpu", actors=n, min_actors=n, num_cpus=max(cpus - headroom, 0.25) / n, num_gpus=0,
                          threads=threads, batch_size=batch_size or (CPU_CHUNK if faces else 4 * CPU_CHUNK), tasks_in_flight=2,
-                         memory=int(min(PREDICTOR_MEMORY, memory_total / (2 * n))), decode_cpus=0.25)
+                         memory=int(min(wanted, memory_total / (2 * n))), decode_cpus=0.25)
