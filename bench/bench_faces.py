@@ -224,37 +224,31 @@ class PeakMemory:
                 for role, peaks in self.peaks.items()}
 
 
-def make_big_photos(small: list[str], folder: Path, n: int, distinct: int) -> list[str]:
-    """n files in `folder`: the first `distinct` small photos enlarged to BIG (JPEG quality 90),
-    hard-linked in turn (the same bytes, so the files cost no disk and decode alike)."""
+def make_big_photos(small: list[str], folder: Path, distinct: int) -> None:
+    """As many files in `folder` as `small` has: its first `distinct` photos enlarged to BIG (JPEG
+    quality 90), hard-linked in turn (the same bytes, so the files cost no disk and decode alike)."""
     folder.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for i, path in enumerate(small[:distinct]):
+    sources = small[:distinct]
+    for i, path in enumerate(sources):
         with Image.open(path) as im:
-            sources.append(str(folder / f"src-{i:03d}.jpg"))
-            im.resize(BIG, Image.Resampling.BICUBIC).save(sources[-1], quality=90)
-    paths = [sources[i] for i in range(min(n, len(sources)))]
-    for i in range(len(sources), n):
-        paths.append(str(folder / f"{i:05d}.jpg"))
-        os.link(sources[i % len(sources)], paths[-1])
-    return paths
+            im.resize(BIG, Image.Resampling.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    for i in range(len(sources), len(small)):
+        os.link(folder / f"{i % len(sources):05d}.jpg", folder / f"{i:05d}.jpg")
 
 
-def memory(paths: list[str], tmp: str, model: str, distinct: int) -> dict[str, Any]:
-    """The pipeline's peak memory per stage on the photos in `paths` (1280x960) and on the same
-    photos enlarged to 24 megapixels; one run each, Ray started afresh for each."""
+def memory(photos: Path, tmp: str, model: str, distinct: int) -> dict[str, Any]:
+    """The pipeline's peak memory per stage on the 1280x960 photos in folder `photos` and on the
+    same photos enlarged to 24 megapixels; one run each, Ray started afresh for each."""
     import ray
 
-    small = Path(tmp) / "memory-small"
-    small.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(paths):
-        os.link(path, small / f"{i:05d}.jpg")
+    big = Path(tmp) / "memory-big"
+    small = sorted(str(p) for p in photos.glob("*.jpg"))
     start = time.perf_counter()
-    make_big_photos(paths, Path(tmp) / "memory-big", len(paths), distinct)
-    print(f"{len(paths)} photos of {BIG[0]}x{BIG[1]} ({distinct} distinct) written in "
+    make_big_photos(small, big, distinct)
+    print(f"{len(small)} photos of {BIG[0]}x{BIG[1]} ({distinct} distinct) written in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     out: dict[str, Any] = {}
-    for name, folder in (("1280x960", small), (f"{BIG[0]}x{BIG[1]}", Path(tmp) / "memory-big")):
+    for name, folder in (("1280x960", photos), (f"{BIG[0]}x{BIG[1]}", big)):
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         with PeakMemory() as peaks:
@@ -322,9 +316,10 @@ def main() -> None:
             print(f"   {size:>5} px: {r}")
     if "memory" not in args.skip:
         model = results.get("model") or resolve_bundle(args.model, tmp)
-        paths = sorted(str(p) for p in (Path(tmp) / "photos").glob("*.jpg")) or \
-            make_photos(Path(tmp) / "photos", args.photos, Path(args.crops))
-        mem = memory(paths, tmp, model, args.memory_distinct)
+        photos = Path(tmp) / "photos"  # section 1's, else made here
+        if not photos.is_dir():
+            make_photos(photos, args.photos, Path(args.crops))
+        mem = memory(photos, tmp, model, args.memory_distinct)
         results["memory"] = mem
         print(f"\n3. peak memory per process while labelling {args.photos} photos (MB; USS: its own pages)")
         for name, r in mem.items():

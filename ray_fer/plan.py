@@ -13,7 +13,7 @@ from ray_fer.config import UserError
 # ask for the same resources (ray-project/ray#54433): decoding must stay on its own CPU tasks.
 PREDICTOR_MEMORY = 2 * 1024**3
 # With faces: the detector's passes and a batch of 128 decoded photos (bench_faces.py section 3,
-# 2 CPU actors: peak USS 2.8 GB on 1280x960 photos, 3.2 GB on 24-megapixel ones, whose copies
+# 2 CPU actors: peak USS 1.5-3.0 GB on 1280x960 photos, 3.2 GB on 24-megapixel ones, whose copies
 # decoding caps; Ray Data measured up to 3.1-4.3 GiB per actor, object-store pages included).
 FACE_PREDICTOR_MEMORY = 4 * 1024**3
 DECODE_SHARE = 0.1  # CPUs kept for decode tasks and the write stage beside CPU predictor actors
