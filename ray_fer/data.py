@@ -33,7 +33,10 @@ MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: ph
 # mostly overhead (FER2013 train at 201 img/s against 533 whole), so as many as whole's (a store of
 # photos: ~40 s a task, its blocks streamed to the predictors as they are decoded)
 PHOTO_DECODE_BATCH = {"detect": 64, "auto": 2048}
-PHOTO_BLOCK_BYTES = 32 * 1024**2  # decoded photos per output block of a decode task: ~16 1280x960 photos
+# decoded photos per output block of a decode task: ~16 1280x960 photos, where the dataset's blocks
+# may be that big (evaluation); under `ray-fer infer` the paths' small blocks make each photo a block
+# (see inputs.RUN_AHEAD_BLOCKS)
+PHOTO_BLOCK_BYTES = 32 * 1024**2
 AUTO_WHOLE_SIDE = 128  # --faces auto: an image no longer than this (FER2013: 48) is a face crop, labelled whole
 PHOTO_COLUMNS = ("detect", "detect_height", "detect_width", "gray", "gray_height", "gray_width")
 
