@@ -297,12 +297,12 @@ def main() -> None:
         predictor = FacePredictor(model)
         out = os.path.join(tmp, "out")
         plain_facenet(paths[:2], model, out + "-warm")  # warm the page cache and oneDNN, untimed
-        small = Path(tmp) / "photos-small"  # the first --small photos, for the start-up fit
-        small.mkdir()
-        for path in paths[:args.small]:
-            os.link(path, small / Path(path).name)
         timed = {"pipeline": lambda: pipeline(str(Path(tmp) / "photos"), model, out + "-ray")}
-        if 0 < args.small < args.photos:
+        if 0 < args.small < args.photos:  # the first --small photos, for the start-up fit
+            small = Path(tmp) / "photos-small"
+            small.mkdir()
+            for path in paths[:args.small]:
+                os.link(path, small / Path(path).name)
             timed[f"pipeline_{args.small}"] = lambda: pipeline(str(small), model, out + "-ray-small")
         e2e: dict[str, Any] = median_rates(timed | {
             "plain_facenet": lambda: plain_facenet(paths, model, out + "-facenet"),
