@@ -41,6 +41,12 @@ PYRAMID_FACTOR = 0.709
 # grid). test-obama_partial_face2.jpg (../shared/data/photos) holds such a face.
 EDGE_REACH = 6
 CROP_SIZE = 48  # FER2013's side; the template below is in its pixels
+# Samples per crop pixel along each side (crop_faces). On 562 FER2013 val faces pasted upright into
+# synthetic photos and cut at their true boxes, 2 kept the packaged model's label of the original
+# crop on 93.8% of them against 90.9% with one bilinear sample a pixel (4: 94.0%), and its
+# accuracy at 67.6% against 65.5%: the mean of 2x2 samples undoes the photo's resampling much as
+# an area resize does. No slower: 3 ms for 3 faces of a 1280x960 photo on one thread, either way.
+SUPERSAMPLE = 2
 # Where FER2013's crops have the five landmarks, in pixels of the 48x48 frame: the medians the
 # detector finds on 776 FER2013 train crops (bench/fer_framing.py), the eyes' and the mouth corners'
 # heights averaged so that the template itself is level. Its eyes are 18 px apart, 0.38 of the frame.
@@ -306,22 +312,25 @@ def align_matrices(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
 def crop_faces(gray: torch.Tensor, matrices: np.ndarray, size: int = CROP_SIZE) -> torch.Tensor:
     """Aligned uint8 crops (n, size, size) from a uint8 (H, W) image, on its device.
 
-    `matrices` map image pixels to crop pixels (align_matrices). Each crop is sampled from the
-    level of a 2x pyramid where the face spans at most twice its crop size, so big faces do not
-    alias; outside the image, the edge pixels repeat."""
+    `matrices` map image pixels to crop pixels (align_matrices). Each crop is sampled at
+    SUPERSAMPLE times its side from the level of a 2x pyramid where the face spans at most twice
+    that, so big faces do not alias, then each crop pixel is the mean of its SUPERSAMPLE^2
+    samples (a box filter, as an area resize); outside the image, the edge pixels repeat."""
     n = len(matrices)
     if n == 0:
         return torch.zeros((0, size, size), dtype=torch.uint8, device=gray.device)
-    full = np.concatenate([matrices, np.tile([[[0.0, 0.0, 1.0]]], (n, 1, 1))], axis=1).astype(np.float64)
-    inverse = np.linalg.inv(full)  # crop pixels -> image pixels
-    px_per_crop_px = np.sqrt(np.abs(np.linalg.det(inverse[:, :2, :2])))
+    fine = size * SUPERSAMPLE  # image -> fine crop pixels: the matrices scaled by SUPERSAMPLE
+    full = np.concatenate([np.asarray(matrices, dtype=np.float64) * SUPERSAMPLE,
+                           np.tile([[[0.0, 0.0, 1.0]]], (n, 1, 1))], axis=1)
+    inverse = np.linalg.inv(full)  # fine crop pixels -> image pixels
+    px_per_sample = np.sqrt(np.abs(np.linalg.det(inverse[:, :2, :2])))
     deepest = max(0, int(math.log2(max(1, min(gray.shape)))) - 1)  # the smallest level keeps >= 2 pixels
-    levels = np.clip(np.floor(np.log2(np.maximum(px_per_crop_px, 1.0))), 0, deepest).astype(int)
+    levels = np.clip(np.floor(np.log2(np.maximum(px_per_sample, 1.0))), 0, deepest).astype(int)
     pyramid = [gray[None, None].float()]
     while len(pyramid) <= levels.max():
         pyramid.append(F.avg_pool2d(pyramid[-1], 2))
-    out = torch.empty((n, 1, size, size), dtype=torch.float32, device=gray.device)
-    from_unit = np.array([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]])  # grid -> crop pixels
+    out = torch.empty((n, 1, fine, fine), dtype=torch.float32, device=gray.device)
+    from_unit = np.array([[fine / 2, 0, fine / 2], [0, fine / 2, fine / 2], [0, 0, 1]])  # grid -> fine crop pixels
     for level in np.unique(levels):
         img = pyramid[level]
         h, w = img.shape[-2:]
@@ -330,10 +339,10 @@ def crop_faces(gray: torch.Tensor, matrices: np.ndarray, size: int = CROP_SIZE) 
         chosen = np.flatnonzero(levels == level)
         theta = torch.as_tensor(np.stack([(to_unit @ inverse[i] @ from_unit)[:2] for i in chosen]),
                                 dtype=torch.float32, device=gray.device)
-        grid = F.affine_grid(theta, [len(chosen), 1, size, size], align_corners=False)
+        grid = F.affine_grid(theta, [len(chosen), 1, fine, fine], align_corners=False)
         out[torch.as_tensor(chosen, device=gray.device)] = F.grid_sample(
             img.expand(len(chosen), -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[:, 0].round_().clamp_(0, 255).to(torch.uint8)
+    return F.avg_pool2d(out, SUPERSAMPLE)[:, 0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def crop_box(matrix: np.ndarray, size: int = CROP_SIZE) -> tuple[float, float, float]:

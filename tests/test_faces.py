@@ -252,8 +252,11 @@ def test_crop_faces_cuts_what_the_matrix_says(fer_root):
     matrices = np.array([[[48 / s, 0, -x * 48 / s], [0, 48 / s, -y * 48 / s]] for x, y, s in boxes], np.float32)
     crops = crop_faces(gray, matrices).numpy().astype(np.float64)
     assert crops.shape == (3, 48, 48)
-    for crop in crops[:2]:  # from levels 1 and 3 of the pyramid
-        assert np.corrcoef(crop.ravel(), face.ravel().astype(np.float64))[0, 1] > 0.975  # 0.98-0.996 measured
+    for crop in crops[:2]:  # 2x2 samples a pixel from levels 0 and 2 of the pyramid: an area resize
+        # measured on four faces: correlation 0.994-0.998 and 3.0-6.1 gray levels off; one bilinear
+        # sample a pixel gave 0.975-0.998 and up to 10.6 (the 400-px face)
+        assert np.corrcoef(crop.ravel(), face.ravel().astype(np.float64))[0, 1] > 0.99
+        assert np.abs(crop - face).mean() < 7
     assert np.allclose(crops[2, :, 33:], crops[2, :, 33:34], atol=1)  # beyond the edge its last column repeats
     assert crops[2, :, :25].std() > 10
 
