@@ -74,6 +74,10 @@ class TrainConfig:
     # val metrics, the best checkpoint and the exported model are then the average's
     ema_decay: float = 0.0
     augment: Literal["standard", "flip_rotate", "none"] = "standard"  # named train preset
+    # 0: off. Otherwise each face is augmented twice and the loss adds this weight times the
+    # Jensen-Shannon divergence of the two predictions (AugMix's consistency loss): labels that
+    # change less with framing, at about twice the cost of a step
+    consistency: float = 0.0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on GPU, off on CPU
     channels_last: bool = True  # faster convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model (GPU; measure before relying on it)
@@ -91,6 +95,12 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.consistency < 0:
+            raise ConfigError(f"train.consistency must be >= 0 (0 turns it off; AugMix uses 12), got {self.consistency}")
+        if self.consistency and self.augment == "none":
+            raise ConfigError("train.consistency compares two augmentations of each face, and train.augment=none "
+                              "makes them the same; choose train.augment=standard or flip_rotate, or "
+                              "train.consistency=0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns the weight average off; 0.999 is "
                               f"usual), got {self.ema_decay}")

@@ -52,6 +52,7 @@ def train_one_epoch(
     *,
     device: torch.device,
     label_smoothing: float = 0.0,
+    consistency: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     lr_at: Callable[[int], float] | None = None,
@@ -61,7 +62,10 @@ def train_one_epoch(
     """One pass over `batches` of uint8 images; returns this worker's loss sum, correct and count.
 
     lr_at(i) is the learning rate of the epoch's i-th step (0-based); None keeps the optimizer's.
-    after_step() runs after every optimizer step (the weight average's update)."""
+    after_step() runs after every optimizer step (the weight average's update). With
+    `consistency` > 0 each face is augmented twice and the loss adds that weight times the
+    Jensen-Shannon divergence of the model's two predictions (`consistency_loss`); the loss sum
+    and accuracy stay the cross-entropy's and the first view's, comparable with a run without it."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -71,10 +75,16 @@ def train_one_epoch(
             set_lr(optimizer, lr_at(step))
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        x = preset(images)
+        x = preset(images) if not consistency else torch.cat([preset(images), preset(images)])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            logits = model(x).float()
+            if consistency:
+                logits, again = logits.chunk(2)
+                ce = 0.5 * (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                            + F.cross_entropy(again, labels, label_smoothing=label_smoothing))
+                loss = ce + consistency * consistency_loss(logits, again)
+            else:
+                ce = loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -86,12 +96,20 @@ def train_one_epoch(
         if after_step is not None:
             after_step()
         # note: accumulate on the device; reading .item() here would sync the GPU every step
-        loss_sum += loss.detach().double() * labels.shape[0]
+        loss_sum += ce.detach().double() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
         if fail_after_first_step:
             _kill_self()
     return {"loss_sum": loss_sum.item(), "correct": float(correct.item()), "count": float(seen)}
+
+
+def consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """The batch mean of the Jensen-Shannon divergence between the softmax of two views' logits
+    (AugMix's consistency loss): 0 where the model predicts the same for both views."""
+    p, q = F.softmax(logits_a, dim=1), F.softmax(logits_b, dim=1)
+    mean = (0.5 * (p + q)).clamp(min=1e-7).log()
+    return 0.5 * (F.kl_div(mean, p, reduction="batchmean") + F.kl_div(mean, q, reduction="batchmean"))
 
 
 @torch.inference_mode()
@@ -292,6 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                            local_shuffle_buffer_size=SHUFFLE_BUFFER, **batch_kwargs),
             augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
+            consistency=cfg.train.consistency,
             amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
             lr_at=lambda i: base_lr * lr_factor(first_step + i, steps, cfg),
             after_step=None if ema is None else lambda: ema.update_parameters(unwrap(model)),

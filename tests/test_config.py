@@ -49,6 +49,7 @@ def test_int_is_accepted_for_float_and_choices_ignore_case():
         ("data.image_size=16", "data.image_size must be >= 32, got 16"),
         ("train.label_smoothing=1.5", "train.label_smoothing must be in [0, 1)"),
         ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
+        ("train.consistency=-1", "train.consistency must be >= 0"),
         ("run.name=a/b", "run.name must be a non-empty name without '/'"),
         ("train.channels_last=yes please", "train.channels_last must be true or false"),
         ("train=3", "train must be a mapping"),
@@ -86,3 +87,9 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="overwrite and skip_existing exclude each other"):
         load_config(InferConfig, overrides={"model": "m", "input": "i", "output": "o",
                                             "overwrite": True, "skip_existing": True})
+
+
+def test_consistency_needs_an_augmentation():
+    with pytest.raises(ConfigError, match="train.augment=none makes them the same"):
+        load_config(TrainJobConfig, None, BASE + ["train.consistency=6", "train.augment=none"])
+    assert load_config(TrainJobConfig, None, BASE + ["train.consistency=6"]).train.consistency == 6.0
