@@ -9,26 +9,26 @@ straight from ../shared/data/fer2013.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ray_fer import cluster
 from ray_fer.config import ConfigError, TrainJobConfig, load_config
 from ray_fer.images import EvalPreset, TrainPreset
-from ray_fer.labels import CLASSES
 from ray_fer.model import load_bundle
 from ray_fer.runs import STATE_FILE, read_starts
 from ray_fer.train import (consistency_loss, lr_factor, run_training, scaled_lr, steps_per_epoch,
                             train_one_epoch)
+
+from conftest import _fer_pixels
 
 pytestmark = pytest.mark.integration
 
@@ -294,11 +294,9 @@ def test_consistency_makes_the_two_views_agree(fer_root):
     """The same steps on 64 FER2013 faces with and without train.consistency: with it, the model's
     predictions on two augmentations of a face differ less, and the epoch's sums stay the
     cross-entropy's and the count of faces (not of views)."""
-    files = sorted((fer_root / "val").glob("*/*.jpg"))[::56][:64]
-    from PIL import Image
-
-    faces = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("L"))) for f in files])
-    labels = torch.tensor([CLASSES.index(f.parent.name) for f in files])
+    faces, labels = _fer_pixels(fer_root, "val", per_class=10)
+    order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(0))[:64]
+    faces, labels = faces[order], labels[order]
     preset = TrainPreset(image_size=32, channels_last=False, rotation=15.0, scale=0.2, translate=0.1)
     batches = [{"image": faces[i:i + 32], "label": labels[i:i + 32]} for i in (0, 32)] * 15
 
@@ -314,6 +312,9 @@ def test_consistency_makes_the_two_views_agree(fer_root):
 
     plain, plain_sums = divergence(0.0)
     agreeing, sums = divergence(10.0)
-    assert agreeing < 0.6 * plain, (agreeing, plain)  # measured: 0.029 against 0.063
+    assert agreeing < 0.6 * plain, (agreeing, plain)  # measured: 0.034 against 0.068
     assert sums["count"] == plain_sums["count"] == 30 * 32
-    assert 0 < sums["loss_sum"] / sums["count"] < 10  # the cross-entropy, not the weighted sum
+    # the cross-entropy, not the weighted sum (10 times the divergence would add 0.3-0.7):
+    # measured 1.94 against 1.97 without the loss
+    ce, plain_ce = sums["loss_sum"] / sums["count"], plain_sums["loss_sum"] / plain_sums["count"]
+    assert 0 < ce < 10 and abs(ce - plain_ce) < 0.15, (ce, plain_ce)
