@@ -78,6 +78,11 @@ class TrainConfig:
     # Jensen-Shannon divergence of the two predictions (AugMix's consistency loss): labels that
     # change less with framing, at about twice the cost of a step
     consistency: float = 0.0
+    # the second view of train.consistency: `augment`, another augmentation of the face; `face`, the
+    # face as the face stage cuts a face found in a photo (ray_fer/face_views.py: detected, aligned
+    # by its landmarks), then augmented: labels that agree between FER2013's framing and the face
+    # stage's. The detector runs once per run over the training split (75 faces/s on 2 cores)
+    consistency_view: Literal["augment", "face"] = "augment"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on GPU, off on CPU
     channels_last: bool = True  # faster convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model (GPU; measure before relying on it)
@@ -97,10 +102,14 @@ class TrainConfig:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.consistency < 0:
             raise ConfigError(f"train.consistency must be >= 0 (0 turns it off; AugMix uses 12), got {self.consistency}")
-        if self.consistency and self.augment == "none":
+        if self.consistency_view == "face" and not self.consistency:
+            raise ConfigError("train.consistency_view=face gives each face a second view for train.consistency, "
+                              "which is 0 (off); set train.consistency (e.g. 12) or leave train.consistency_view "
+                              "at augment")
+        if self.consistency and self.augment == "none" and self.consistency_view == "augment":
             raise ConfigError("train.consistency compares two augmentations of each face, and train.augment=none "
-                              "makes them the same; choose train.augment=standard or flip_rotate, or "
-                              "train.consistency=0")
+                              "makes them the same; choose train.augment=standard or flip_rotate, "
+                              "train.consistency_view=face, or train.consistency=0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns the weight average off; 0.999 is "
                               f"usual), got {self.ema_decay}")

@@ -28,6 +28,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ray_fer import cluster, console, storage
 from ray_fer.config import ConfigError, TrainJobConfig, from_dict
 from ray_fer.data import image_folder_dataset, list_image_folder
+from ray_fer.face_options import check_detector
+from ray_fer.face_views import with_face_views
 from ray_fer.images import EvalPreset, train_preset
 from ray_fer.model import build_model, save_bundle, unwrap
 from ray_fer.precision import autocast_dtype
@@ -63,7 +65,8 @@ def train_one_epoch(
 
     lr_at(i) is the learning rate of the epoch's i-th step (0-based); None keeps the optimizer's.
     after_step() runs after every optimizer step (the weight average's update). With
-    `consistency` > 0 each face is augmented twice and the loss adds that weight times the
+    `consistency` > 0 each face is augmented twice, the second time from the batch's `view` where it
+    has one (the face stage's crop of the face), and the loss adds that weight times the
     Jensen-Shannon divergence of the model's two predictions (`consistency_loss`); the loss sum
     and accuracy stay the cross-entropy's and the first view's, comparable with a run without it."""
     model.train()
@@ -75,7 +78,11 @@ def train_one_epoch(
             set_lr(optimizer, lr_at(step))
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        x = preset(images) if not consistency else torch.cat([preset(images), preset(images)])
+        if consistency:  # the second view: the face stage's crop of the face (face_views.py), or the face again
+            views = batch["view"].to(device, non_blocking=True) if "view" in batch else images
+            x = torch.cat([preset(images), preset(views)])
+        else:
+            x = preset(images)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x).float()
             if consistency:
@@ -289,8 +296,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val")
     on_gpu = device.type == "cuda"
     # uint8 faces travel to the device as they are (48x48 = 2.3 KB); pinned for async copies on GPUs
-    batch_kwargs = dict(dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu",
-                        pin_memory=on_gpu, prefetch_batches=4 if on_gpu else 1)
+    dtypes = {"image": torch.uint8, "label": torch.int64}
+    batch_kwargs = dict(dtypes=dtypes, device="cpu", pin_memory=on_gpu, prefetch_batches=4 if on_gpu else 1)
+    train_kwargs = {**batch_kwargs, "dtypes": dtypes | ({"view": torch.uint8} if config.get("face_views") else {})}
     fault_marker = config.get("fault_marker")
 
     def val_batches():
@@ -308,7 +316,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         tr = train_one_epoch(
             model,
             train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                           local_shuffle_buffer_size=SHUFFLE_BUFFER, **batch_kwargs),
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER, **train_kwargs),
             augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
             consistency=cfg.train.consistency,
             amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
@@ -417,6 +425,8 @@ def check_inputs(cfg: TrainJobConfig):
     train_table = list_image_folder(cfg.data.train, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
     val_table = list_image_folder(cfg.data.val, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
     build_model(cfg.model.weights, stem_stride=cfg.model.stem_stride)  # reads / downloads the weights once: a bad file fails here
+    if cfg.train.consistency and cfg.train.consistency_view == "face":
+        check_detector()
     return train_table, val_table
 
 
@@ -479,6 +489,9 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     record_start(cfg, resume)
 
     train_ds = image_folder_dataset(train_table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed)
+    face_views = bool(cfg.train.consistency) and cfg.train.consistency_view == "face"
+    if face_views:
+        train_ds = with_face_views(train_ds, cpus=int(ray.cluster_resources().get("CPU", 1)))
     val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size)
     steps = steps_per_epoch(train_ds.count(), val_ds.count(), cfg)  # again: undecodable files are left out
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
@@ -489,6 +502,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
             "cfg": asdict(cfg),
             "threads": threads,
             "steps_per_epoch": steps,
+            "face_views": face_views,
             "fault_marker": storage.join(out_dir, f"fault-injected-epoch-{cfg.train.fail_at_epoch}")
             if cfg.train.fail_at_epoch else None,
         },

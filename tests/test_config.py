@@ -93,3 +93,10 @@ def test_consistency_needs_an_augmentation():
     with pytest.raises(ConfigError, match="train.augment=none makes them the same"):
         load_config(TrainJobConfig, None, BASE + ["train.consistency=6", "train.augment=none"])
     assert load_config(TrainJobConfig, None, BASE + ["train.consistency=6"]).train.consistency == 6.0
+    # the face stage's crop is a second view of its own, with or without augmentation
+    face = load_config(TrainJobConfig, None, BASE + ["train.consistency=6", "train.augment=none",
+                                                     "train.consistency_view=face"])
+    assert face.train.consistency_view == "face"
+    with pytest.raises(ConfigError, match="train.consistency_view=face gives each face a second view for "
+                                          "train.consistency, which is 0"):
+        load_config(TrainJobConfig, None, BASE + ["train.consistency_view=face"])

@@ -1,0 +1,77 @@
+"""The face stage's own crop of each training face: the second view of `train.consistency_view=face`.
+
+A face found in a photo is framed by its five landmarks (faces.TEMPLATE), and that framing differs
+from how FER2013 framed the same face by about 10% in scale and 2 px in place, crop to crop; the
+classifier changes 13-16% of its labels under such reframing (docs/labelling.md). Training on both
+framings of every face, with the consistency loss between them, teaches it to label both alike.
+
+Each face is cut as the face stage cuts a face in a photo: enlarged ENLARGE times with its edge
+pixels repeated PAD pixels around it (so a face touching the frame is still found), searched by the
+detector, aligned by its landmarks and cut back to the decode size with `faces.crop_faces`. A face the detector does not find (about 1 in 8 of FER2013
+train) keeps itself as its view: that pair is then two augmentations of one framing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ray_fer.faces import FaceDetector, align_matrices, crop_faces
+
+log = logging.getLogger(__name__)
+
+# A 48-px face becomes 96 px: the middle of the sizes faces have in the detection copy of a photo
+# (80-300 px faces of 1280x960 photos are 40-150 px at face_detect_size 640). 91 faces/s on one
+# CPU thread, against 28 at 4x (tests/test_faces.py's enlargement), with as many found (87%).
+ENLARGE, PAD = 2, 24
+CHUNK = 16  # faces per detector pass (144 x 144 px each)
+
+
+def face_stage_views(faces: np.ndarray, detector: FaceDetector) -> tuple[np.ndarray, np.ndarray]:
+    """(views, found) for uint8 faces (n, s, s): each face as the face stage would cut it, the
+    face itself where no face is found in it, and which ones were found."""
+    n, size = len(faces), faces.shape[-1]
+    views = np.array(faces, dtype=np.uint8, copy=True)
+    found = np.zeros(n, dtype=bool)
+    big = size * ENLARGE
+    enlarged = [np.pad(np.asarray(Image.fromarray(f).resize((big, big), Image.Resampling.BILINEAR)), PAD, mode="edge")
+                for f in faces]
+    detections = detector.detect([np.repeat(g[:, :, None], 3, axis=2) for g in enlarged], chunk=CHUNK)
+    for i, det in enumerate(detections):
+        if len(det):
+            best = int(np.argmax(det.scores))
+            matrices = align_matrices(det.landmarks[best:best + 1], size)
+            views[i] = crop_faces(torch.from_numpy(enlarged[i]), matrices, size)[0].numpy()
+            found[i] = True
+    return views, found
+
+
+class FaceViews:
+    """Ray Data callable class: adds `view` (the face stage's crop, `face_stage_views`) and
+    `view_found` to batches of decoded training faces. The detector loads once per actor."""
+
+    def __init__(self, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.detector = FaceDetector("cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["view"], batch["view_found"] = face_stage_views(np.asarray(batch["image"]), self.detector)
+        return batch
+
+
+def with_face_views(ds, cpus: int):
+    """`ds` (materialised `image`, `label` rows) with each face's `view`, computed once by a pool
+    of up to `cpus` single-threaded detector actors and materialised; logs how many were found.
+    Everything runs here, before the trainer's workers take the CPUs: a lazy step left in the plan
+    would wait for CPUs they hold."""
+    import ray
+
+    out = ds.map_batches(FaceViews, batch_size=256, batch_format="numpy", num_cpus=1,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))).materialize()
+    total, found = out.count(), int(out.sum("view_found") or 0)
+    log.info("face views: the detector found the face in %s of %s training faces (%.0f%%); the others are "
+             "their own second view", f"{found:,}", f"{total:,}", 100 * found / max(1, total))
+    return out.select_columns(["image", "label", "view"]).materialize()
