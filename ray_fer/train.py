@@ -298,7 +298,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # uint8 faces travel to the device as they are (48x48 = 2.3 KB); pinned for async copies on GPUs
     dtypes = {"image": torch.uint8, "label": torch.int64}
     batch_kwargs = dict(dtypes=dtypes, device="cpu", pin_memory=on_gpu, prefetch_batches=4 if on_gpu else 1)
-    train_kwargs = {**batch_kwargs, "dtypes": dtypes | ({"view": torch.uint8} if config.get("face_views") else {})}
+    face_views = cfg.train.consistency_view == "face"  # the config refuses it without train.consistency
+    train_kwargs = {**batch_kwargs, "dtypes": dtypes | ({"view": torch.uint8} if face_views else {})}
     fault_marker = config.get("fault_marker")
 
     def val_batches():
@@ -425,7 +426,7 @@ def check_inputs(cfg: TrainJobConfig):
     train_table = list_image_folder(cfg.data.train, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
     val_table = list_image_folder(cfg.data.val, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
     build_model(cfg.model.weights, stem_stride=cfg.model.stem_stride)  # reads / downloads the weights once: a bad file fails here
-    if cfg.train.consistency and cfg.train.consistency_view == "face":
+    if cfg.train.consistency_view == "face":
         check_detector()
     return train_table, val_table
 
@@ -489,8 +490,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     record_start(cfg, resume)
 
     train_ds = image_folder_dataset(train_table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed)
-    face_views = bool(cfg.train.consistency) and cfg.train.consistency_view == "face"
-    if face_views:
+    if cfg.train.consistency_view == "face":
         train_ds = with_face_views(train_ds, cpus=int(ray.cluster_resources().get("CPU", 1)))
     val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size)
     steps = steps_per_epoch(train_ds.count(), val_ds.count(), cfg)  # again: undecodable files are left out
@@ -502,7 +502,6 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
             "cfg": asdict(cfg),
             "threads": threads,
             "steps_per_epoch": steps,
-            "face_views": face_views,
             "fault_marker": storage.join(out_dir, f"fault-injected-epoch-{cfg.train.fail_at_epoch}")
             if cfg.train.fail_at_epoch else None,
         },
