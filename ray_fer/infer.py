@@ -58,14 +58,16 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         check_detector()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    model_file = ModelFile.read(cfg.model)
     inputs = find_inputs(cfg.input)
-    cluster.connect()
-    cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
-    model = open_model(model_file)
     faces = cfg.faces != "whole"
-    with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, model_id=model.model_id,
-                   faces=faces) as out:
+    # the output's lease first: a second run on a live output is refused in seconds, before Ray
+    # starts or the model is read
+    with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, faces=faces) as out:
+        model_file = ModelFile.read(cfg.model)
+        cluster.connect()
+        cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
+        model = open_model(model_file)
+        out.prepare(model.model_id)
         tally = Tally()
         with blocks_of(min(cfg.decode_batch_size, PHOTO_DECODE_BATCH[cfg.faces]) if faces else cfg.decode_batch_size):
             paths = input_dataset(inputs).map_batches(

@@ -1,10 +1,12 @@
-"""The commit of a labelled output: the `_COMMIT` journal, applying it, and finishing or
-clearing what dead runs left (the protocol is described in output.py).
+"""The commit of a labelled output: the journal, applying it, and finishing or clearing what dead
+runs left (the protocol is described in output.py).
 
-A run's journal (`_staging-<run id>/_COMMIT`, one atomic write) names the top-level files to
-delete, the staged files to move up, the staging folders of dead runs whose files it adopted,
-and the new `_SUCCESS`. Writing it is the commit point; `apply` carries it out and is safe to
-repeat after a crash at any step, so the next run on the output rolls it forward.
+A run's journal names the top-level files to delete, the staged files to move up, the staging
+folders of dead runs whose files it adopted, and the new `_SUCCESS`. It is written into the
+output's `_LEASE` by one write conditional on the lease being this run's (`Lease.begin_commit`):
+that write is the commit point, and a run that lost its lease cannot make it. `apply` carries the
+journal out, each step inside the lease's fence; it is safe to repeat after a crash at any step,
+and the run that takes the lease of a dead one finishes its journal before anything else.
 """
 
 from __future__ import annotations
@@ -14,51 +16,81 @@ import logging
 from typing import Any
 
 from ray_fer import storage
+from ray_fer.config import UserError
+from ray_fer.lease import Lease
 
 log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS"  # JSON written last: a reader can tell a finished output from a crashed one
 STAGING_PREFIX = "_staging-"  # + run id: a run's files until its commit
-COMMIT_FILE = "_COMMIT"  # in the staging folder: the journal whose write commits the run
+LEGACY_COMMIT_FILE = "_COMMIT"  # where ray-fer before the fenced commit wrote the journal (staging folder)
 
 
-def write_journal(staging: str, journal: dict[str, Any]) -> None:
-    storage.write_bytes(storage.join(staging, COMMIT_FILE), json.dumps(journal, indent=2).encode())
+class JournalError(UserError):
+    """A commit that cannot be carried out as written: the output was changed by another writer."""
 
 
-def apply(dst: str, staging: str, journal: dict[str, Any]) -> None:
-    """Carry out a commit journal; safe to repeat after a crash at any point."""
-    if _success_run_id(dst) != journal["run_id"]:
-        _delete_if_present(storage.join(dst, SUCCESS_FILE))  # first: from here on the output is unfinished
-        for name in journal["delete"]:
-            _delete_if_present(storage.join(dst, name))
-        for src, name in journal["move"]:
-            src_uri = storage.join(dst, src)
-            if storage.exists(src_uri):  # else moved before the crash
-                fs, src_path = storage.filesystem(src_uri)
-                fs.move(src_path, storage.filesystem(storage.join(dst, name))[1])
-        write_success(dst, journal["success"])
-    for folder in journal.get("drop", []):  # dead runs whose files this commit adopted
-        storage.delete_dir(storage.join(dst, folder))
-    storage.delete_dir(staging)
+def apply(dst: str, record: dict[str, Any], lease: Lease) -> None:
+    """Carry out a commit journal, each step inside the lease's fence; safe to repeat after a
+    crash at any point. JournalError when the output no longer matches the journal (a step
+    whose file is in neither of its places, a `_SUCCESS` another run wrote)."""
+    success_uri = storage.join(dst, SUCCESS_FILE)
+    with lease.fence("read _SUCCESS"):
+        previous = storage.read_versioned(success_uri)
+    if previous is None or _run_id(previous.data) != record["run_id"]:
+        if previous is not None:  # first: from here on the output is unfinished
+            with lease.fence("delete _SUCCESS"):
+                if not storage.delete_if_unchanged(success_uri, previous.token):
+                    raise _changed(dst, record, f"{SUCCESS_FILE} changed as it was being replaced")
+        for name in record["delete"]:
+            with lease.fence(f"delete {name}"):
+                uri = storage.join(dst, name)
+                if storage.exists(uri):
+                    storage.delete_file(uri)
+        for src, name in record["move"]:
+            with lease.fence(f"move {name}"):
+                src_uri, dst_uri = storage.join(dst, src), storage.join(dst, name)
+                if storage.exists(src_uri):
+                    fs, src_path = storage.filesystem(src_uri)
+                    fs.move(src_path, storage.filesystem(dst_uri)[1])
+                elif not storage.exists(dst_uri):  # not moved before a crash either: someone deleted it
+                    raise _changed(dst, record, f"{src} is neither staged nor at the top level as {name}")
+        with lease.fence("write _SUCCESS"):
+            data = json.dumps(record["success"], indent=2).encode()
+            if storage.write_if_unchanged(success_uri, data, None) is None:
+                raise _changed(dst, record, f"another run wrote {SUCCESS_FILE}")
+    for folder in record.get("drop", []):  # dead runs whose files this commit adopted
+        with lease.fence(f"delete {folder}"):
+            storage.delete_dir(storage.join(dst, folder))
+    with lease.fence("delete staging"):
+        storage.delete_dir(storage.join(dst, STAGING_PREFIX + record["run_id"]))
 
 
-def recover(dst: str, *, salvage: bool = False) -> tuple[list[str], list[str]]:
-    """Finish the commits that dead runs began. The staging folders of those that had not are
-    deleted, or with `salvage` (--skip-existing) kept: returns (the Parquet files they staged,
-    their folders), whose rows the run may adopt, so that a crashed job's work is not lost.
+def _changed(dst: str, record: dict[str, Any], what: str) -> JournalError:
+    return JournalError(f"output {dst!r} was changed by another writer while run {record['run_id']} committed "
+                        f"({what}); nothing more was changed: make sure only one job writes into it, then delete "
+                        f"its _LEASE and run again with --skip-existing")
 
-    Call only while holding the lease: a live run's staging folder would be deleted."""
+
+def recover(dst: str, lease: Lease, *, salvage: bool = False) -> tuple[list[str], list[str]]:
+    """Finish the commit a dead run began (the journal its lease still held), then clear the
+    staging folders of the runs that had not reached their commit: deleted, or with `salvage`
+    (--skip-existing) kept: returns (the Parquet files they staged, their folders), whose rows
+    the run may adopt, so that a crashed job's work is not lost."""
+    if lease.pending is not None:
+        log.warning("finishing the commit of run %s into %s, which stopped half-way", lease.pending["run_id"], dst)
+        apply(dst, lease.pending, lease)
+        lease.end_commit()
     salvaged: list[str] = []
     dead: list[str] = []
     for uri, is_dir in list_dir(dst):
         if not (is_dir and storage.basename(uri).startswith(STAGING_PREFIX)):
             continue
-        journal_uri = storage.join(uri, COMMIT_FILE)
-        if storage.exists(journal_uri):
-            journal = json.loads(storage.read_bytes(journal_uri))
-            log.warning("finishing the commit of run %s into %s, which stopped half-way", journal["run_id"], dst)
-            apply(dst, uri, journal)
+        legacy = storage.join(uri, LEGACY_COMMIT_FILE)
+        if storage.exists(legacy):  # committed by an earlier ray-fer, which wrote the journal here
+            record = json.loads(storage.read_bytes(legacy))
+            log.warning("finishing the commit of run %s into %s, which stopped half-way", record["run_id"], dst)
+            apply(dst, record, lease)
         elif salvage:
             files = parquet_files(storage.join(uri, "new"))
             log.warning("keeping the %d files that %s, a run that ended before its commit, had written",
@@ -67,13 +99,9 @@ def recover(dst: str, *, salvage: bool = False) -> tuple[list[str], list[str]]:
             dead.append(uri)
         else:
             log.warning("deleting %s: the files of a run that ended before its commit", uri)
-            storage.delete_dir(uri)
+            with lease.fence(f"delete {storage.basename(uri)}"):
+                storage.delete_dir(uri)
     return salvaged, dead
-
-
-def write_success(dst: str, summary: dict[str, Any]) -> None:
-    """Mark the output finished: `_SUCCESS` holds the run's summary. Written last."""
-    storage.write_bytes(storage.join(dst, SUCCESS_FILE), json.dumps(summary, indent=2).encode())
 
 
 def list_dir(dst: str) -> list[tuple[str, bool]]:
@@ -90,16 +118,8 @@ def parquet_files(folder: str) -> list[str]:
         return []
 
 
-def _delete_if_present(uri: str) -> None:
-    if storage.exists(uri):
-        storage.delete_file(uri)
-
-
-def _success_run_id(dst: str) -> str | None:
-    uri = storage.join(dst, SUCCESS_FILE)
-    if not storage.exists(uri):
-        return None
+def _run_id(data: bytes) -> str | None:
     try:
-        return json.loads(storage.read_bytes(uri)).get("run_id")
-    except ValueError:
+        return json.loads(data).get("run_id")
+    except (ValueError, AttributeError):
         return None

@@ -5,20 +5,22 @@ An output (a folder or s3:// prefix) holds:
     *.parquet           the rows, one per input file (with faces, one per face and one for a file
                         without a face), one schema
     _SUCCESS            JSON summary; present only beside a complete set of *.parquet files
-    _LEASE              JSON: the run that holds the output (run id, host, pid, started, heartbeat)
+    _LEASE              JSON: the run that holds the output (run id, host, pid, started, generation,
+                        heartbeat) and, while a commit is being applied, its journal
     _staging-<run id>/  a run's files before its commit: new/*.parquet (this run's rows),
-                        kept/*.parquet (old files less the rows labelled again), _COMMIT
+                        kept/*.parquet (old files less the rows labelled again)
 
 Readers see the committed rows only: pyarrow and pandas skip names starting with "_", and
 DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
 
- 1. takes the lease: creates `_LEASE` where there is none (atomically: link() locally,
-    `If-None-Match: *` on S3); refuses while another run's heartbeat is younger than
-    `lease_timeout()`; takes over an older one with a warning. A thread renews the heartbeat
-    every timeout/4 (at most 15 s), each write conditional on the lease being unchanged.
- 2. finishes what dead runs left: a `_staging-*` folder with a `_COMMIT` is rolled forward; one
-    without is deleted, or under --skip-existing kept: its staged rows count as labelled (so a
-    crashed job's work is not lost) and this run's commit moves them in.
+ 1. takes the lease (lease.py), before Ray starts or the model is read: creates `_LEASE` where
+    there is none; refuses while another run renewed it within `lease_timeout()` (on the store's
+    clock); takes over an older one with a warning. A thread renews it every timeout/4 (at most
+    15 s), each write conditional on the lease being this run's.
+ 2. finishes what dead runs left: the journal of a commit the previous holder began is carried
+    out; a `_staging-*` folder (a run that never reached its commit) is deleted, or under
+    --skip-existing kept: its staged rows count as labelled (so a crashed job's work is not
+    lost) and this run's commit moves them in.
  3. plans: a non-empty output is refused without --overwrite or --skip-existing; --overwrite
     will replace every top-level file; --skip-existing keeps the rows there except read errors
     and repeated paths, whose files are rewritten into `kept/` (resume.py: Ray tasks, sorted
@@ -29,16 +31,17 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     row, `face` 0 or null, per path), and nothing else: the order-free digest of their first
     rows' paths (pathsets.py), summed by one Ray task per file, equals the digest of the paths
     the pipeline was given. Counts come from the files' footers where they suffice.
- 6. renews the lease: a run that lost it to another commits nothing.
- 7. writes `_staging-<run id>/_COMMIT`, one atomic write naming the files to delete, the files
-    to move and the new `_SUCCESS`: the commit point.
- 8. applies it: deletes `_SUCCESS`, then the replaced files, moves the staged ones to the top
-    level (on S3 a copy and a delete), writes the new `_SUCCESS`, deletes the staging folder.
- 9. releases the lease.
+ 6. writes the journal (the files to delete, the files to move, the new `_SUCCESS`) into
+    `_LEASE`, in one write conditional on the lease being this run's: the commit point. A run
+    that lost its lease cannot make it, and commits nothing.
+ 7. applies it (journal.py), each step inside the lease's fence: deletes `_SUCCESS` (only if it
+    is still the one replaced), then the replaced files, moves the staged ones to the top level
+    (on S3 a copy and a delete), creates the new `_SUCCESS` (only where there is none), deletes
+    the staging folder, and takes the journal out of the lease.
+ 8. releases the lease.
 
-A crash before 7 leaves the previous output as it was; a crash during 8 leaves no `_SUCCESS`,
-and the next run on the output, whatever its flags, rolls `_COMMIT` forward before anything else
-(journal.py).
+A crash before 6 leaves the previous output as it was; a crash during 7 leaves no `_SUCCESS`,
+and the next run on the output, whatever its flags, finishes the journal before anything else.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ import pyarrow.compute as pc
 
 from ray_fer import cluster, journal, pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.journal import COMMIT_FILE, STAGING_PREFIX, SUCCESS_FILE  # noqa: F401 - the protocol's names
-from ray_fer.lease import LEASE_FILE, Lease, new_run_id
+from ray_fer.journal import STAGING_PREFIX, SUCCESS_FILE
+from ray_fer.lease import LEASE_FILE, Lease, LeaseError, new_run_id
 from ray_fer.pathsets import Digest
 from ray_fer.resume import ResumeError, plan_resume
 
@@ -115,14 +118,16 @@ def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.
 class OutputRun:
     """One run's hold on an output, as a context manager around the labelling.
 
-    On entry: checks the output, takes the lease, finishes dead runs' commits, and plans: under
-    --skip-existing, `done` holds the sorted keys of the paths whose rows stay (for
+    On entry: checks the output and takes the lease; then, given the model's id (at once when
+    the constructor has it, else by `prepare`, once Ray runs), finishes dead runs' commits and
+    plans: under --skip-existing, `done` holds the sorted keys of the paths whose rows stay (for
     `resume.drop_done`) and `done_count` their number. The run writes its rows into `new_dir`,
     then `check()`s them and `commit()`s. On exit without a commit the staging folder is deleted
     and the previous output stays as it was; the lease is released either way.
     """
 
-    def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str, faces: bool = False) -> None:
+    def __init__(self, dst: str, *, overwrite: bool, skip_existing: bool, model_id: str | None = None,
+                 faces: bool = False) -> None:
         self.dst = dst
         self.faces = faces  # one row per face (FACE_COLUMNS) rather than one per file
         self.overwrite = overwrite
@@ -140,29 +145,40 @@ class OutputRun:
         self._adopted: list[str] = []  # salvaged files that stay as they are; the commit moves them in
         self._dead: list[str] = []  # staging folders of dead runs, deleted at the commit
         self._files: list[str] | None = None  # the output's file names after the commit (set by check)
-        self._journal_written = False
+        self._committed = False  # the journal is in the lease: from here on the commit happens
         self.lease: Lease | None = None
 
     def __enter__(self) -> OutputRun:
         _check_location(self.dst)
         self.lease = Lease.acquire(self.dst, self.run_id)
-        try:
-            self._salvaged, self._dead = journal.recover(self.dst, salvage=self.skip_existing)
-            self._plan()
-        except BaseException:
-            self._close()
-            raise
+        if self.model_id is not None:
+            try:
+                self.prepare(self.model_id)
+            except BaseException:
+                self._close()
+                raise
         return self
+
+    def prepare(self, model_id: str) -> None:
+        """Finish dead runs' commits and plan this run's (see the class docstring)."""
+        assert self.lease is not None, "prepare() inside the `with OutputRun(...)` block"
+        self.model_id = model_id
+        self._salvaged, self._dead = journal.recover(self.dst, self.lease, salvage=self.skip_existing)
+        self._plan()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._close()
 
     def _close(self) -> None:
-        """Drop the staging folder of a run that did not reach its commit; release the lease."""
+        """Drop the staging folder of a run that did not reach its commit, while it holds the
+        lease (one that lost it changes nothing); release the lease."""
         try:
-            if not self._journal_written:
-                storage.delete_dir(self.staging)
+            if not self._committed and self.lease is not None and self.lease.lost is None:
+                with self.lease.fence("delete staging"):
+                    storage.delete_dir(self.staging)
+        except LeaseError:
+            pass  # the lease was lost: the staging folder is the next holder's to clear
         except Exception as e:  # noqa: BLE001 - the next run on this output deletes it
             log.warning("could not delete %s (%s); the next run on this output does", self.staging,
                         storage.short_error(e))
@@ -239,31 +255,35 @@ class OutputRun:
         return kept + adopted + [(f"{own}/new/{storage.basename(f)}", storage.basename(f)) for f in new]
 
     def commit(self, success: dict[str, Any]) -> None:
-        """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-8)."""
-        record = self._write_journal(success)
+        """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-7)."""
+        assert self.lease is not None
+        self.begin_commit(success)
         try:
-            journal.apply(self.dst, self.staging, record)
+            journal.apply(self.dst, self.lease.pending, self.lease)
+            self.lease.end_commit()
+        except UserError:  # the lease was lost, or another writer changed the output
+            raise
         except Exception as e:  # noqa: BLE001 - any store error: the journal lets the next run finish
             raise OutputError(f"the commit of run {self.run_id} into {self.dst!r} stopped half-way "
                               f"({storage.short_error(e)}); the output has no {SUCCESS_FILE} until the next "
                               "ray-fer infer on it, with any flags, finishes the commit") from e
 
-    def _write_journal(self, success: dict[str, Any]) -> dict[str, Any]:
-        """Steps 6 and 7: renew the lease, then write `_COMMIT`, the commit point."""
+    def begin_commit(self, success: dict[str, Any]) -> dict[str, Any]:
+        """Step 6: the journal into the lease, conditional on holding it: the commit point."""
         assert self.lease is not None and self._files is not None, "check() comes before commit()"
-        try:
-            self.lease.renew()
-        except UserError:  # the lease was taken over, or deleted
-            raise
-        except Exception as e:  # noqa: BLE001 - without a renewed lease there is no commit
-            raise OutputError(f"cannot renew the lease on {self.dst!r} ({storage.short_error(e)}), so run "
-                              f"{self.run_id} commits nothing: run again with --skip-existing") from e
-        record = {"run_id": self.run_id, "delete": [storage.basename(f) for f in self._replace],
+        record = {"run_id": self.run_id, "generation": self.lease.generation,
+                  "delete": [storage.basename(f) for f in self._replace],
                   "move": self._moves(journal.parquet_files(self.new_dir)),
                   "drop": [storage.basename(f) for f in self._dead],
                   "success": success | {"run_id": self.run_id, "files": self._files}}
-        journal.write_journal(self.staging, record)
-        self._journal_written = True
+        try:
+            self.lease.begin_commit(record)
+        except UserError:  # the lease was taken over, or deleted
+            raise
+        except Exception as e:  # noqa: BLE001 - without the journal in the lease there is no commit
+            raise OutputError(f"cannot write the commit into the lease on {self.dst!r} ({storage.short_error(e)}), "
+                              f"so run {self.run_id} commits nothing: run again with --skip-existing") from e
+        self._committed = True
         return record
 
 
@@ -307,8 +327,10 @@ def file_counts(uri: str, faces: bool, digest: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": table.num_rows, "images": images, "errors": errors}
     if faces:
         found = table["face"].drop_null().length()
-        no_face = table.num_rows - found - errors
-        out |= {"labelled": images - errors - no_face, "faces": found, "no_face": no_face}
+        failed = pc.is_valid(table["error"])
+        no_face = int(pc.sum(pc.and_(pc.is_null(table["face"]), pc.invert(failed))).as_py() or 0)
+        first_failed = int(pc.sum(pc.and_(first, failed)).as_py() or 0)  # a file's error, or its face 0's
+        out |= {"labelled": images - first_failed - no_face, "faces": found, "no_face": no_face}
     else:
         out["labelled"] = images - errors
     if digest:
@@ -357,7 +379,7 @@ def _under(dst: str, uri: str) -> str:
 def _top_level(dst: str) -> list[tuple[str, bool]]:
     """The output's top-level (uri, is_dir) but for the lease and the staging folders."""
     return [(uri, is_dir) for uri, is_dir in journal.list_dir(dst)
-            if not storage.basename(uri).startswith(STAGING_PREFIX if is_dir else LEASE_FILE)]
+            if not storage.basename(uri).startswith(STAGING_PREFIX if is_dir else (LEASE_FILE, storage.CLOCK_PROBE))]
 
 
 def _is_ours(uri: str) -> bool:

@@ -8,7 +8,10 @@ Nothing here logs credentials: only paths appear in messages.
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import fcntl
 import functools
+import hashlib
 import itertools
 import os
 import random
@@ -18,6 +21,8 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +291,25 @@ def short_error(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Conditional writes of small files (pyarrow's S3 filesystem has none: boto3 does them)
+# Conditional writes of small files, the store's clock, and a folder lock (pyarrow's S3
+# filesystem has no conditional requests: boto3 does them)
+
+# botocore's first release whose S3 model has both If-None-Match and If-Match on PutObject (and
+# If-Match on DeleteObject): 1.35.69 (read in the wheels' service models; 1.35.68 lacks the first)
+BOTOCORE_FLOOR = "1.35.69"
+CLOCK_PROBE = "_clock-"  # + pid and thread: the empty file `read_versioned` creates to read a folder's clock
+LOCK_WAIT_S = 60.0  # how long a local conditional step waits for another process's folder lock
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small file as read for a conditional write: its bytes, a token for `write_if_unchanged`
+    (S3: the ETag; locally: a digest of the bytes) and its age on the store's clock (S3: the
+    answer's Date less LastModified; locally: a file created now less its mtime)."""
+
+    data: bytes
+    token: str
+    age: float  # seconds since the file was last written, as the store measures time
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,14 +320,46 @@ def s3_client() -> Any:
     return boto3.client("s3")  # reads AWS_ENDPOINT_URL and the credential chain, as pyarrow does
 
 
+@functools.lru_cache(maxsize=1)
+def check_conditional_requests() -> None:
+    """StorageError when the installed botocore cannot send conditional PUTs and DELETEs."""
+    import botocore
+
+    model = s3_client().meta.service_model
+    members = {op: set(model.operation_model(op).input_shape.members) for op in ("PutObject", "DeleteObject")}
+    if not ({"IfMatch", "IfNoneMatch"} <= members["PutObject"] and "IfMatch" in members["DeleteObject"]):
+        raise StorageError(f"botocore {botocore.__version__} cannot send the conditional writes (If-Match, "
+                           f"If-None-Match) that keep two runs apart on S3; pip install 'botocore>={BOTOCORE_FLOOR}' "
+                           f"'boto3>={BOTOCORE_FLOOR}'")
+
+
 def _bucket_key(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://"):].partition("/")
     return bucket, key
 
 
-def read_versioned(uri: str) -> tuple[bytes, str] | None:
-    """A small file's bytes and a token for `write_if_unchanged` (S3: the ETag; locally: the text);
-    None when it does not exist."""
+def _digest(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _unsupported(e: Any, uri: str) -> StorageError | None:
+    """The StorageError for a store that rejects conditional requests, else None."""
+    meta = e.response.get("ResponseMetadata", {})
+    code = e.response.get("Error", {}).get("Code", "")
+    message = e.response.get("Error", {}).get("Message", "")
+    if meta.get("HTTPStatusCode") == 501 or code in ("NotImplemented", "NotSupported") or (
+            code in ("InvalidArgument", "InvalidRequest") and "match" in message.lower()):
+        bucket = _bucket_key(uri)[0]
+        return StorageError(f"the store behind s3://{bucket} rejects conditional requests (If-Match / "
+                            f"If-None-Match: {code or meta.get('HTTPStatusCode')}), which ray-fer needs to keep two "
+                            "runs out of one folder; use a store that supports them (AWS S3, MinIO, Cloudflare R2 "
+                            "and others do)")
+    return None
+
+
+def read_versioned(uri: str) -> Versioned | None:
+    """A small file's bytes, token and age on the store's clock (see Versioned); None when it
+    does not exist."""
     if is_remote(uri):
         from botocore.exceptions import ClientError
 
@@ -315,23 +370,45 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
-        return answer["Body"].read(), answer["ETag"]
+        data = answer["Body"].read()
+        now, written = (_utc(email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])),
+                        _utc(answer["LastModified"]))
+        return Versioned(data, answer["ETag"], max(0.0, (now - written).total_seconds()))
+    path = Path(uri)
     try:
-        data = Path(uri).read_bytes()
+        data = path.read_bytes()
+        written = path.stat().st_mtime
     except FileNotFoundError:
         return None
-    return data, data.decode(errors="replace")
+    return Versioned(data, _digest(data), max(0.0, _local_now(path.parent) - written))
+
+
+def _utc(t: datetime) -> datetime:
+    """HTTP dates are UTC; some stores' answers parse without a zone."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def _local_now(folder: Path) -> float:
+    """The time on the clock that stamps files in `folder` (a file server's, on a network mount):
+    the mtime of a file created there now."""
+    probe = folder / f"{CLOCK_PROBE}{os.getpid()}-{threading.get_ident()}"
+    try:
+        probe.write_bytes(b"")
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def write_if_unchanged(uri: str, data: bytes, token: str | None) -> str | None:
     """Write a small file only if the store still holds `token` (None: only if there is no file).
 
     Returns the new token, or None when the condition failed (another writer got there first).
-    S3 checks the condition itself (If-Match / If-None-Match); locally, creating is atomic
-    (link), replacing leaves a window of microseconds between comparison and rename."""
+    S3 checks the condition itself (If-Match / If-None-Match); locally the comparison and the
+    write happen under the folder's lock (`locked`), which every conditional step takes."""
     if is_remote(uri):
         from botocore.exceptions import ClientError
 
+        check_conditional_requests()
         bucket, key = _bucket_key(uri)
         condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
         try:
@@ -339,22 +416,97 @@ def write_if_unchanged(uri: str, data: bytes, token: str | None) -> str | None:
         except ClientError as e:  # 412: the condition failed; 409: a concurrent conditional write won
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return None
-            raise
+            raise _unsupported(e, uri) or e
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_bytes(data)
-    try:
-        if token is None:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent, already holding the whole text
-            except FileExistsError:
-                return None
-        else:
-            current = read_versioned(uri)
-            if current is None or current[1] != token:
-                return None
-            os.replace(tmp, path)  # not atomic with the comparison above: a window of microseconds
-    finally:
-        tmp.unlink(missing_ok=True)
-    return data.decode()
+    with locked(str(path.parent)):
+        current = read_versioned(uri)
+        if (current is None) != (token is None) or (current is not None and current.token != token):
+            return None
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a reader never sees half a file
+    return _digest(data)
+
+
+def delete_if_unchanged(uri: str, token: str) -> bool:
+    """Delete a small file only if the store still holds `token`; False when it does not (or the
+    file is gone). S3: DELETE with If-Match; locally under the folder's lock."""
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        check_conditional_requests()
+        bucket, key = _bucket_key(uri)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=token)
+            return True
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (404, 409, 412) or e.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return False
+            raise _unsupported(e, uri) or e
+    with locked(str(Path(uri).parent)):
+        current = read_versioned(uri)
+        if current is None or current.token != token:
+            return False
+        Path(uri).unlink()
+        return True
+
+
+class _FolderLock:
+    """An exclusive flock on a local folder, re-entrant within the process (threads wait on an
+    RLock; processes on the flock, which the kernel drops when its holder dies)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        self.rlock.acquire()
+        if self.depth == 0:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                os.makedirs(self.folder, exist_ok=True)
+                fd = os.open(self.folder, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    if time.monotonic() > deadline:
+                        self.rlock.release()
+                        raise StorageError(f"{self.folder!r} has been locked by another process for over "
+                                           f"{LOCK_WAIT_S:.0f} s (a ray-fer run stopped in the middle of a step?); "
+                                           "run again once it ends") from None
+                    time.sleep(0.05)
+                    continue
+                if os.fstat(fd).st_nlink > 0:
+                    break
+                os.close(fd)  # removed (empty, by the run that held it) while we waited: make it again
+            self.fd = fd
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        self.rlock.release()
+
+
+_folder_locks: dict[str, _FolderLock] = {}
+_folder_locks_guard = threading.Lock()
+
+
+def locked(folder: str) -> contextlib.AbstractContextManager[Any]:
+    """Hold a local folder's lock (see _FolderLock), making the folder if needed: the steps of
+    the lease and the commit that must not interleave with another process's. For s3:// a
+    no-op: there each request carries its own condition."""
+    if is_remote(folder):
+        return contextlib.nullcontext()
+    path = os.path.abspath(os.path.expanduser(folder))
+    with _folder_locks_guard:
+        lock = _folder_locks.setdefault(path, _FolderLock(path))
+    return lock

@@ -93,6 +93,10 @@ class FaultyS3Proxy:
         self.lock = threading.Lock()
         self.rules: dict[str, list] = {}  # "/bucket/key" -> [attempts left to fail, how]
         self.failed: dict[str, int] = {}  # "/bucket/key" -> requests failed so far
+        # conditional PUTs and DELETEs (If-Match, If-None-Match), as some S3-compatible stores
+        # treat them: None forwards them, "reject" answers 501 NotImplemented, "ignore" drops
+        # the condition and forwards the request
+        self.conditions: str | None = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,6 +112,20 @@ class FaultyS3Proxy:
                 key = urllib.parse.unquote(self.path.split("?", 1)[0])
                 how = proxy._should_fail(key) if self.command in ("GET", "HEAD") else None
                 body = self._body()
+                conditional = [h for h in ("If-Match", "If-None-Match") if h in self.headers]
+                if conditional and self.command in ("PUT", "DELETE") and proxy.conditions == "reject":
+                    payload = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NotImplemented</Code>"
+                               b"<Message>A header you provided implies functionality that is not implemented"
+                               b"</Message></Error>")
+                    self.send_response(501)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if conditional and proxy.conditions == "ignore":
+                    for h in conditional:
+                        del self.headers[h]
                 if how == "reset":
                     import socket
                     import struct
@@ -177,6 +195,7 @@ class FaultyS3Proxy:
         with self.lock:
             self.rules.clear()
             self.failed.clear()
+            self.conditions = None
 
     def _should_fail(self, key: str) -> str | None:
         with self.lock:

@@ -18,7 +18,7 @@ import pytest
 from ray_fer import storage
 from ray_fer.labels import CLASSES
 from ray_fer.lease import LEASE_TIMEOUT_ENV, LeaseError
-from ray_fer.output import COMMIT_FILE, FACE_COLUMNS, SUCCESS_FILE, OutputError, OutputRun, output_schema
+from ray_fer.output import FACE_COLUMNS, SUCCESS_FILE, OutputError, OutputRun, output_schema
 
 from conftest import _one_line
 
@@ -153,8 +153,7 @@ def test_a_run_that_holds_the_output_refuses_another(tmp_path):
 
 def _die(run: OutputRun) -> None:
     """What SIGKILL leaves: the run's files and its lease, no heartbeat any more."""
-    run.lease._stop.set()
-    run.lease._thread.join()
+    run.lease.stop_heartbeat()
 
 
 def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
@@ -163,11 +162,11 @@ def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
     run = OutputRun(dst, overwrite=True, skip_existing=False, model_id="m").__enter__()
     _stage(run, ["/x.jpg", "/y.jpg"])
     run.check(pa.array(["/x.jpg", "/y.jpg"]))
-    run._write_journal({"images": 2})  # the commit point ...
+    run.begin_commit({"images": 2})  # the commit point ...
     storage.delete_file(storage.join(dst, SUCCESS_FILE))  # ... and the first steps of applying it
     storage.delete_file(storage.join(dst, "old-a.parquet"))
     _die(run)
-    assert storage.exists(storage.join(run.staging, COMMIT_FILE)) and SUCCESS_FILE not in _names(dst)
+    assert run.lease.pending["run_id"] == run.run_id and SUCCESS_FILE not in _names(dst)
     time.sleep(0.6)
 
     with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
