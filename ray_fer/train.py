@@ -31,6 +31,7 @@ from ray_fer.data import image_folder_dataset, list_image_folder
 from ray_fer.face_options import check_detector
 from ray_fer.face_views import with_face_views
 from ray_fer.images import EvalPreset, train_preset
+from ray_fer.lease import Lease, new_run_id
 from ray_fer.model import build_model, save_bundle, unwrap
 from ray_fer.precision import autocast_dtype
 from ray_fer.report import write_training_report
@@ -464,15 +465,28 @@ def _resources(cfg: TrainJobConfig, started_here: bool) -> tuple[bool, int]:
 
 
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the JSON summary."""
+    """Train (or resume) the run described by `cfg`; returns the JSON summary.
+
+    The run folder's lease (lease.py) is held throughout: a second start of a live run is
+    refused in one line naming it, before Ray starts; the lease of a dead one is taken over."""
+    cfg.check()
+    lease = Lease.acquire(run_dir(cfg), new_run_id(), what="run folder",
+                          fix="pick another run.name (re-using a name resumes that run)")
+    try:
+        return _train(cfg, lease)
+    finally:
+        lease.release()
+
+
+def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg.check()
     resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
     if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
-        return export_best(cfg, *best_state_and_history(run_dir(cfg)))
+        with lease.fence("export"):
+            return export_best(cfg, *best_state_and_history(run_dir(cfg)))
     train_table, val_table = check_inputs(cfg)
     steps_per_epoch(train_table.num_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
     started_here = cluster.connect()
@@ -487,7 +501,8 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
              cfg.run.name, f"{train_table.num_rows:,}", f"{val_table.num_rows:,}", cfg.run.num_workers,
              "GPU" if use_gpu else "CPU", threads, "" if threads == 1 else "s", cfg.data.image_size,
              cfg.train.epochs, out_dir)
-    record_start(cfg, resume)
+    with lease.fence("record the start"):
+        record_start(cfg, resume)
 
     train_ds = image_folder_dataset(train_table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed)
     if cfg.train.consistency_view == "face":
@@ -527,7 +542,8 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     best = result.get_best_checkpoint("val_loss", "min")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
-    return export_best(cfg, load_state(best), load_state(result.checkpoint)["history"])
+    with lease.fence("export"):  # a run whose lease was taken over while it trained exports nothing
+        return export_best(cfg, load_state(best), load_state(result.checkpoint)["history"])
 
 
 def export_best(cfg: TrainJobConfig, best_state: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -233,6 +233,33 @@ def test_zero_step_epochs_fail_before_any_ray_work(fer_root, tmp_path, monkeypat
     assert not (tmp_path / "tiny").exists()
 
 
+def test_a_live_run_name_is_refused_at_once_and_a_dead_ones_lease_taken_over(fer_root, tmp_path, monkeypatch, caplog):
+    """One writer per run folder: a second start of a live run is refused in one line naming the
+    holder, before any Ray work; once the holder is dead, its lease is taken over."""
+    import time
+
+    from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
+    from ray_fer.runs import run_dir
+
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.6")
+    monkeypatch.setattr(cluster, "connect", lambda: pytest.fail("Ray was reached"))
+    cfg = _cfg(fer_root, tmp_path, "live", "data.limit_per_class=3", "train.batch_size=16")
+    holder = Lease.acquire(run_dir(cfg), "run-live", what="run folder")  # as a running `ray-fer train` holds it
+    started = time.monotonic()
+    with pytest.raises(LeaseError) as e:
+        run_training(cfg)
+    assert time.monotonic() - started < 5
+    assert re.fullmatch(rf"run folder '{run_dir(cfg)}' is in use by run run-live \(host .+, pid {os.getpid()}, started "
+                        r".+\), last heartbeat \d+ s ago; wait for it to end or pick another run.name .+", str(e.value))
+    holder.stop_heartbeat()  # the holder dies
+    time.sleep(0.9)
+    with caplog.at_level(logging.WARNING, logger="ray_fer.lease"):
+        with pytest.raises(ConfigError, match="would have no step"):  # past the lease: the run's own checks
+            run_training(cfg)
+    assert "taking over the lease" in caplog.text and "run run-live" in caplog.text
+    assert not (Path(run_dir(cfg)) / LEASE_FILE).exists()  # released on the way out
+
+
 def test_steps_per_epoch_follow_the_equal_split_and_drop_last():
     def cfg(batch, workers):
         return load_config(TrainJobConfig, None, ["data.train=a", "data.val=b", f"train.batch_size={batch}",
