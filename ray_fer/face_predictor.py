@@ -24,7 +24,7 @@ import torch
 from ray_fer.data import PHOTO_COLUMNS
 from ray_fer.faces import Detections, FaceDetector, align_matrices, crop_faces
 from ray_fer.output import FACE_COLUMNS
-from ray_fer.predictor import PREDICTION_COLUMNS, Predictor, arrow_column, no_error
+from ray_fer.predictor import PREDICTION_COLUMNS, Predictor, arrow_column, no_error, with_non_finite
 
 # photos per detector pass: bounds the P-Net's activations. On one CPU thread, 1280x960 photos
 # (bench_faces.py): 4 a pass ran at 12.2 photos/s, 16 at 9, 1 at 11.4.
@@ -44,7 +44,7 @@ class FacePredictor(Predictor):
     def __init__(self, model: Any, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.detector = FaceDetector(self.device)
-        self.chunk = DETECT_CHUNK[self.device.type]
+        self.detect_chunk = DETECT_CHUNK[self.device.type]  # photos per detector pass; the model's rows per call stay `chunk`
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
@@ -88,15 +88,18 @@ class FacePredictor(Predictor):
         probs = np.zeros((len(rows), len(self.classes)), dtype=np.float32)
         if labelled.any():
             probs[labelled] = self._predict(np.concatenate(crops))
+        base = batch["error"] if "error" in batch else np.full(n, None, dtype=object)
+        errors = np.array([None if ok[i] else str(base[i]) for i in rows], dtype=object)
+        errors, labelled = with_non_finite(errors, labelled, probs)
         return self._table(batch, np.array(rows), faces, np.concatenate(boxes), np.concatenate(scores),
-                           np.concatenate(points), probs, labelled)
+                           np.concatenate(points), probs, labelled, errors)
 
     def _detect(self, batch: dict[str, np.ndarray], photos: np.ndarray) -> dict[int, Detections]:
         """The faces of each photo row, in pixels of the upright source image."""
         found: dict[int, Detections] = {}
         dh, dw = np.asarray(batch["detect_height"]), np.asarray(batch["detect_width"])
         images = [np.frombuffer(batch["detect"][i], dtype=np.uint8).reshape(dh[i], dw[i], 3) for i in photos]
-        for i, det in zip(photos, self.detector.detect(images, chunk=self.chunk)):
+        for i, det in zip(photos, self.detector.detect(images, chunk=self.detect_chunk)):
             w, h = int(batch["width"][i]), int(batch["height"][i])
             found[int(i)] = det.scaled(w / dw[i], h / dh[i], w, h)
         return found
@@ -110,7 +113,8 @@ class FacePredictor(Predictor):
         return crop_faces(gray, matrices, self.decode_size).cpu().numpy()
 
     def _table(self, batch: dict[str, np.ndarray], rows: np.ndarray, faces: list[int | None], boxes: np.ndarray,
-               scores: np.ndarray, points: np.ndarray, probs: np.ndarray, labelled: np.ndarray) -> pa.Table:
+               scores: np.ndarray, points: np.ndarray, probs: np.ndarray, labelled: np.ndarray,
+               errors: np.ndarray) -> pa.Table:
         columns: dict[str, pa.Array] = {}
         for name, values in batch.items():
             if name in ("image", "error", *PHOTO_COLUMNS):
@@ -130,8 +134,6 @@ class FacePredictor(Predictor):
         columns["confidence"] = pa.array(probs.max(axis=1, initial=0.0), pa.float32(), mask=missing)
         for j, name in enumerate(self.prob_columns):
             columns[name] = pa.array(probs[:, j], pa.float32(), mask=missing)
-        errors = batch["error"] if "error" in batch else np.full(len(batch["path"]), None, dtype=object)
-        ok = no_error(errors)
-        columns["error"] = pa.array([None if ok[i] else str(errors[i]) for i in rows], pa.string())
+        columns["error"] = pa.array(list(errors), pa.string())
         columns["model"] = pa.array([self.model_id] * len(rows), pa.string())
         return pa.table(columns)

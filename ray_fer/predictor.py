@@ -32,6 +32,8 @@ FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 un
 # trained models (weak models have the most near-ties): bf16 alone agreed with fp32 on 99.05-99.64%
 # of the labels; with this re-check on 99.92-100%, re-computing 2.5-20% of the rows (~10% slower).
 NEAR_TIE = 0.002
+# The error of a row whose probabilities are NaN or infinite also in fp32: it gets no label.
+NON_FINITE = "non-finite model output (NaN or inf probabilities, also in fp32)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +58,10 @@ def predict_probs(
     probabilities are averaged over `images.tta_views`. The model sees `chunk` rows at a time
     (default: all). `autocast_dtype` (bf16 / fp16) runs the model under autocast, then
     re-computes in fp32, in one more pass over all chunks, the rows whose top two classes are
-    closer than NEAR_TIE, where bf16's rounding could flip the label: a batch of several chunks
-    pays for one such call, not one per chunk. The softmax is always float32. `forward` replaces
+    closer than NEAR_TIE, where bf16's rounding could flip the label, and the rows whose
+    probabilities are not finite (fp16 logits overflow at 65,504): a batch of several chunks
+    pays for one such call, not one per chunk. The softmax is always float32; a row can still
+    be non-finite in fp32 (callers make it an error, NON_FINITE). `forward` replaces
     the autocast model call (a compiled `_forward` of the same model and dtype, for `chunk` rows;
     see Predictor).
     """
@@ -69,7 +73,7 @@ def predict_probs(
         _probs(model, preset, pixels, tta, autocast_dtype, forward)
     if autocast_dtype is not None and probs.shape[1] > 1:
         top2 = probs.topk(2, dim=1).values
-        near = (top2[:, 0] - top2[:, 1]) < NEAR_TIE
+        near = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE) | ~torch.isfinite(probs).all(dim=1)
         if near.any():
             with exact_fp32(device):
                 probs[near] = predict_probs(model, preset, pixels[near], tta=tta, chunk=chunk)
@@ -233,6 +237,7 @@ class Predictor:
         probs = np.zeros((n, len(self.classes)), dtype=np.float32)
         if ok.any():
             probs[ok] = self._predict(pixels[ok])
+        errors, ok = with_non_finite(errors, ok, probs)
         missing = ~ok
         best = probs.argmax(axis=1)
         columns: dict[str, pa.Array] = {}
@@ -249,6 +254,19 @@ class Predictor:
         columns["error"] = pa.array([None if ok[i] else str(errors[i]) for i in range(n)], pa.string())
         columns["model"] = pa.array([self.model_id] * n, pa.string())
         return pa.table(columns)
+
+
+def with_non_finite(errors: np.ndarray, ok: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(errors, ok) with NON_FINITE set on the ok rows whose probabilities are not finite, whose
+    probabilities are zeroed (in place): such a row gets an error, never a label."""
+    bad = ok & ~np.isfinite(probs).all(axis=1)
+    if not bad.any():
+        return errors, ok
+    errors = np.array(errors, dtype=object)
+    errors[bad] = NON_FINITE
+    probs[bad] = 0.0
+    log.warning("%d row(s) with non-finite model output, also in fp32: written as errors", int(bad.sum()))
+    return errors, ok & ~bad
 
 
 def no_error(errors: np.ndarray) -> np.ndarray:

@@ -225,6 +225,29 @@ def test_aligned_faces_keep_the_labels_of_their_crops(synthetic, known_faces, re
     assert np.mean(agree[False]) >= 0.90, figures
 
 
+def test_the_model_and_the_detector_each_get_their_own_call_size(face_predictor, fer_root, photos_root):
+    """--faces auto on a batch of 200 face crops and 6 photos: the classifier sees CPU_CHUNK
+    rows per call (not the detector's photos per pass), the detector at most DETECT_CHUNK['cpu']
+    photos per pass."""
+    from ray_fer.face_predictor import DETECT_CHUNK
+    from ray_fer.plan import CPU_CHUNK
+
+    crops = sorted((fer_root / "val").glob("*/*.jpg"))[:200]
+    photos = sorted(photos_root.glob("*.jpg"))[:6]
+    model_calls, detector_passes = [], []
+    hooks = [face_predictor.net.classifier.register_forward_hook(lambda m, a, o: model_calls.append(len(a[0]))),
+             face_predictor.detector.pnet.register_forward_pre_hook(lambda m, a: detector_passes.append(len(a[0])))]
+    try:
+        table = _label_files(face_predictor, crops + photos, faces="auto")
+    finally:
+        for h in hooks:
+            h.remove()
+    faces = table["face"].drop_null().length()
+    assert faces >= 200 + 6
+    assert model_calls == [CPU_CHUNK] * (faces // CPU_CHUNK) + ([faces % CPU_CHUNK] if faces % CPU_CHUNK else [])
+    assert max(detector_passes) == DETECT_CHUNK["cpu"] == 4, detector_passes
+
+
 # --------------------------------------------------------------------------------------------
 # Alignment and decoding
 

@@ -78,6 +78,53 @@ def test_a_batch_of_chunks_recomputes_its_near_ties_in_one_call(random_bundle, f
     assert torch.allclose(checked.sum(1), torch.ones(len(pixels)), atol=1e-5)
 
 
+def test_the_predictor_calls_the_model_cpu_chunk_rows_at_a_time(tiny_bundle):
+    """A predictor batch of 300 faces (the CPU plan's batches hold 512): calls of CPU_CHUNK rows."""
+    predictor = _predictor(tiny_bundle, precision="fp32", batch_size=512)
+    calls = []
+    predictor.net.classifier.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    predictor(_batch(300, []))
+    assert calls == [CPU_CHUNK, CPU_CHUNK, 300 - 2 * CPU_CHUNK]
+
+
+class _Overflow:
+    """Hooks that make the model's logits infinite, as fp16 overflow does: for a white face only
+    under autocast (fp32 gets it right), for a black face always."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        net.features[0].register_forward_pre_hook(self.look)
+        net.classifier.register_forward_hook(self.poison)
+
+    def look(self, module, args) -> None:
+        mean = args[0].float().mean(dim=(1, 2, 3))
+        self.rows = (mean > 1.5, mean < -1.5)  # white, black (normalised pixels)
+
+    def poison(self, module, args, out) -> torch.Tensor:
+        white, black = self.rows
+        out = out.clone()
+        out[black, 0] = float("inf")
+        if torch.is_autocast_enabled("cpu"):
+            out[white, 0] = float("inf")
+        return out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_non_finite_outputs_are_recomputed_in_fp32_and_else_written_as_errors(tiny_bundle, precision):
+    from ray_fer.predictor import NON_FINITE
+
+    predictor = _predictor(tiny_bundle, precision=precision)
+    _Overflow(predictor.net)
+    batch = _batch(4, [])
+    batch["image"][0], batch["image"][1] = 255, 0  # white: overflows under autocast only; black: always
+    rows = predictor(batch).to_pylist()
+    assert rows[0]["label"] in CLASSES and rows[0]["error"] is None  # re-computed in fp32 (or fp32 already)
+    assert abs(sum(rows[0][c] for c in PROB_COLUMNS) - 1) < 1e-5
+    assert rows[1]["error"] == NON_FINITE and rows[1]["label"] is None and rows[1]["confidence"] is None
+    assert all(rows[1][c] is None for c in PROB_COLUMNS)
+    assert all(r["label"] in CLASSES and r["error"] is None for r in rows[2:])
+
+
 def test_cpu_plan_gives_the_actors_the_cores_decoding_does_not_need():
     two = plan_predictors({"CPU": 2})
     assert (two.actors, two.threads, two.decode_cpus, two.batch_size) == (2, 1, 0.25, 512)
