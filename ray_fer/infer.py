@@ -22,6 +22,7 @@ one row with `error` set and the job goes on. The output protocol is described i
 
 from __future__ import annotations
 
+import _thread
 import logging
 import time
 from dataclasses import asdict
@@ -76,7 +77,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         if out.done_count:  # the anti-join: paths with a row that stays are not labelled again
             paths = paths.map_batches(drop_done, fn_kwargs={"done": out.done}, batch_size=None,
                                       batch_format="pyarrow", num_cpus=LIST_CPUS)
-        _label(paths, model, cfg, out.new_dir, tally)
+        _label_while_holding(out, paths, model, cfg, tally)
         listed = tally.counts().get("listed", 0)
         if not listed:
             raise no_images(cfg.input)
@@ -103,6 +104,22 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     log.info("labelled %s images (%s errors%s) into %s in %.1f s", f"{todo.count:,}", f"{counts['errors']:,}",
              found, cfg.output, seconds)
     return summary
+
+
+def _label_while_holding(out: OutputRun, paths: Any, model: ModelRef, cfg: InferConfig, tally: Tally) -> None:
+    """`_label` into the run's staging folder, stopped as soon as the heartbeat finds the lease
+    lost (a driver frozen past the timeout, whose output another run took over): the labelling
+    is interrupted as Ctrl-C would, and the run ends with the lease's one-line error."""
+    assert out.lease is not None
+    out.lease.on_lost = _thread.interrupt_main
+    try:
+        _label(paths, model, cfg, out.new_dir, tally)
+    except KeyboardInterrupt:
+        if out.lease.lost is None:
+            raise
+        out.lease.renew()  # raises the LeaseError that says who took the output
+    finally:
+        out.lease.on_lost = None
 
 
 def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally) -> None:

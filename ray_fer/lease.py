@@ -99,6 +99,7 @@ class Lease:
         self.lost: str | None = None  # why this run no longer holds the lease
         self.pending: dict[str, Any] | None = state.get("commit")
         self.made: str | None = None  # locally: the top folder `acquire` had to make (removed if left empty)
+        self.on_lost: Callable[[], None] | None = None  # called by the heartbeat thread once the lease is lost
         self._token = token
         self._lock = threading.RLock()  # the heartbeat thread and the fenced steps
         self._stop = threading.Event()
@@ -173,7 +174,8 @@ class Lease:
                 if token is None:
                     current = storage.read_versioned(self.uri)
                     holder = _parse_lease(self.uri, current.data) if current else {}
-                    self.lost = f"taken over by {describe(holder)}" if holder else "deleted"
+                    self.lost = (f"taken over by {describe(holder)}" if holder else
+                                 "taken over by another run that has finished since, or deleted")
                 else:
                     self._token, self.state = token, state
             if self.lost is not None:
@@ -246,6 +248,8 @@ class Lease:
                 self.renew()
             except LeaseError as e:
                 log.warning("%s", e)
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
             except Exception as e:  # noqa: BLE001 - a network hiccup: the next beat tries again
                 log.warning("could not renew the lease on %s (%s); trying again in %.0f s",

@@ -227,6 +227,8 @@ class OutputRun:
         the pipeline's Tally summed it, or the paths themselves); returns the output's counts
         after the commit (images, labelled, errors, files; with faces also faces and no_face).
         OutputError when they do not match."""
+        assert self.lease is not None
+        self.lease.renew()  # a run whose lease was taken over while it labelled says so, in one line
         if not isinstance(todo, Digest):
             todo = Digest.of_paths(todo)
         new = journal.parquet_files(self.new_dir)

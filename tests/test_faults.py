@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -113,3 +114,77 @@ def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once
     paths = table["path"].to_pylist()
     assert len(paths) == len(set(paths)) == 3589  # every val image, once
     assert table["error"].null_count == 3589
+
+
+def test_a_stopped_run_that_lost_its_output_commits_nothing(fer_root, random_bundle, tmp_path, ray_local, monkeypatch,
+                                                            caplog):
+    """From outside the process, as it happens on a real machine: `ray-fer infer` A labels FER2013
+    val; a second run on the same output is refused at once (before Ray starts); A's driver is
+    then frozen (SIGSTOP) past the lease timeout, run B takes the output over and commits its own
+    rows; A is resumed (SIGCONT). A must exit non-zero with one line and change nothing: the
+    output is B's."""
+    import json
+    import shutil
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "labels"
+    small = tmp_path / "small"
+    for name in CLASSES:
+        (small / name).mkdir(parents=True)
+        for src in sorted((fer_root / "val" / name).glob("*.jpg"))[:5]:
+            shutil.copy(src, small / name / src.name)
+    monkeypatch.setenv("RAY_FER_LEASE_TIMEOUT_S", "8")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def infer(src: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ray_fer.cli", "infer", "--model", random_bundle, "--input", str(src),
+                "--output", str(out), "--faces", "whole", "--set", "batch_size=32", *extra]
+
+    a = subprocess.Popen(infer(fer_root / "val"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, cwd=REPO)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in a.stdout:
+            lines.append(line)
+            if line.startswith("predictor ready"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(180), "".join(lines)
+        started = time.monotonic()
+        c = subprocess.run(infer(small, "--skip-existing"), capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=60)
+        refused_in = time.monotonic() - started
+        assert c.returncode == 2, c.stderr[-2000:]
+        last = c.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"ray-fer: error: output '{out}' is in use by run \S+ \(host .+, pid {a.pid}, started .+"
+                            r"\), last heartbeat \d+ s ago; wait for it to end or pick another --output .+", last), last
+        assert "Started a local Ray instance" not in c.stderr and refused_in < 20, refused_in
+
+        a.send_signal(signal.SIGSTOP)  # frozen, heartbeat and all
+        time.sleep(9)  # past the lease timeout
+        with caplog.at_level(logging.WARNING, logger="ray_fer.lease"):  # B: in this process, on the session's Ray
+            label_images(InferConfig(input=str(small), output=str(out), model=random_bundle, faces="whole",
+                                     overwrite=True, batch_size=32))
+        assert "taking over the lease" in caplog.text
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=300) != 0, "".join(lines[-40:])
+    finally:
+        if a.poll() is None:
+            a.send_signal(signal.SIGCONT)
+            a.kill()
+        reader.join(timeout=10)
+    assert re.fullmatch(r"ray-fer: error: run \S+ lost its lease on output .+ \(taken over by .+\), so it "
+                        r"changes nothing more there: .+", lines[-1].strip()), "".join(lines[-20:])
+    assert "images (100%)" not in "".join(lines)  # stopped as soon as it woke, not after labelling the rest
+    success = json.loads((out / "_SUCCESS").read_text())
+    top = sorted(p.name for p in out.iterdir() if not p.name.startswith("_"))
+    assert top == sorted(success["files"]) and success["images"] == 35
+    table = pads.dataset(str(out), format="parquet").to_table(columns=["path"])
+    assert sorted(table["path"].to_pylist()) == sorted(str(p) for p in small.glob("*/*.jpg"))  # B's rows, each once
