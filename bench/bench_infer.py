@@ -262,10 +262,19 @@ def ceiling_ratios(results: dict[str, Any], model_rate: float) -> dict[str, Any]
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder with class sub-folders")
-    parser.add_argument("--model", help="model bundle (default: one trained here for ~2 min at --image-size)")
+    parser.add_argument("--model", help="model bundle or packaged model name, e.g. fer2013 (default: one trained "
+                                         "here for ~2 min at --image-size)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of the ingest timings")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="repetitions of the end-to-end timings")
@@ -283,14 +292,22 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = tempfile.mkdtemp(prefix="bench-infer-")
     if args.model:
-        model = args.model
+        from ray_fer.model_ref import packaged_model
+
+        model = packaged_model(args.model) or args.model  # a packaged model's name, or a bundle's path
     else:
         print(f"training a bundle for the timings (~2 min; pass --model to skip) on {args.train_data}", flush=True)
         model = quick_trained_bundle(os.path.join(tmp, "model.pt"), args.image_size, args.train_data)
     load = os.getloadavg()[0]
+    from ray_fer.precision import autocast_dtype, cpu_has_native_bf16
+
+    precision = str(autocast_dtype("auto", torch.device("cpu")) or "fp32").replace("torch.", "")
     results: dict[str, Any] = {"data": args.data, "model": args.model or "quick-trained (3 epochs, 500 per class)",
-                               "cpus": os.cpu_count(), "load_average_at_start": round(load, 2)}
-    print(f"data {args.data}; {os.cpu_count()} CPUs; load average {load:.2f} at start", flush=True)
+                               "cpus": os.cpu_count(), "cpu": _cpu_name(), "native_bf16": cpu_has_native_bf16(),
+                               "labelling_precision": precision, "load_average_at_start": round(load, 2)}
+    print(f"data {args.data}; {os.cpu_count()} CPUs ({results['cpu']}, native bf16: "
+          f"{'yes' if results['native_bf16'] else 'no'}: labelling runs in {precision}); "
+          f"load average {load:.2f} at start", flush=True)
 
     if "ingest" not in args.skip:
         ingest_pil_loop(args.data, args.image_size)  # warm the page cache once, untimed
@@ -329,11 +346,16 @@ def main() -> None:
         elif args.large_data and args.large_repeats > 0:
             large: dict[str, Any] = median_rates({
                 "pipeline": lambda: e2e_pipeline(args.large_data, model, out + "-ray-large"),
+                "pipeline_whole": lambda: e2e_pipeline(args.large_data, model, out + "-ray-large-w", faces="whole"),
                 f"plain_torch_workers{plain_workers}": lambda: e2e_plain_torch(
                     args.large_data, model, out + "-pt-large", workers=plain_workers),
             }, args.large_repeats)
             large["ratio_vs_plain"] = round(
                 large["pipeline"]["images_per_s"] / large[f"plain_torch_workers{plain_workers}"]["images_per_s"], 2)
+            large["ratio_whole_vs_plain"] = round(
+                large["pipeline_whole"]["images_per_s"] / large[f"plain_torch_workers{plain_workers}"]["images_per_s"], 2)
+            large["ratio_auto_vs_whole"] = round(
+                large["pipeline"]["images_per_s"] / large["pipeline_whole"]["images_per_s"], 2)
             # two input sizes give the pipeline's fixed start-up cost and its rate once running
             (n_s, t_s), (n_l, t_l) = [(r["pipeline"]["images"], r["pipeline"]["seconds"]) for r in (e2e, large)]
             if n_l > n_s and t_l > t_s:
@@ -344,7 +366,9 @@ def main() -> None:
             print(f"\n2b. end to end on {args.large_data} ({large['pipeline']['images']:,} images), "
                   f"median of {args.large_repeats}")
             print_rates(large)
-            print(f"   pipeline / plain loop = {large['ratio_vs_plain']:.2f}x")
+            print(f"   pipeline (--faces auto, the default) / plain loop = {large['ratio_vs_plain']:.2f}x, "
+                  f"--faces whole / plain loop = {large['ratio_whole_vs_plain']:.2f}x, "
+                  f"auto / whole = {large['ratio_auto_vs_whole']:.2f}")
             if "pipeline_steady_images_per_s" in large:
                 print(f"   from the two sizes: pipeline start-up {large['pipeline_startup_s']:.1f} s, then "
                       f"{large['pipeline_steady_images_per_s']:,.0f} images/s "

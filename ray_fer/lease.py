@@ -297,8 +297,8 @@ def _check_store_honours_conditions(uri: str, token: str, run_id: str) -> None:
     if first is None or again is not None:
         raise storage.StorageError(
             f"the store behind {uri!r} ignores conditional writes (a PUT with If-None-Match: * replaced an "
-            "existing object), so it cannot keep two runs apart; use a store that honours them (AWS S3, "
-            "MinIO, Cloudflare R2 and others do)")
+            "existing object), so it cannot keep two runs apart; use a store that honours them (AWS S3 and "
+            "Ceph RGW do)")
     current = storage.read_versioned(uri)
     if current is None or current.token != token or _parse_lease(uri, current.data).get("run_id") != run_id:
         raise LeaseError(f"{uri!r} was taken by another run as this one started; run again")

@@ -352,8 +352,8 @@ def _unsupported(e: Any, uri: str) -> StorageError | None:
         bucket = _bucket_key(uri)[0]
         return StorageError(f"the store behind s3://{bucket} rejects conditional requests (If-Match / "
                             f"If-None-Match: {code or meta.get('HTTPStatusCode')}), which ray-fer needs to keep two "
-                            "runs out of one folder; use a store that supports them (AWS S3, MinIO, Cloudflare R2 "
-                            "and others do)")
+                            "runs out of one folder; use a store that supports them (AWS S3 and Ceph "
+                            "RGW do)")
     return None
 
 
