@@ -116,6 +116,7 @@ def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once
     assert table["error"].null_count == 3589
 
 
+@pytest.mark.slow  # ~100 s: a private Ray instance for run A; make test-all runs it
 def test_a_stopped_run_that_lost_its_output_commits_nothing(fer_root, random_bundle, tmp_path, ray_local, monkeypatch,
                                                             caplog):
     """From outside the process, as it happens on a real machine: `ray-fer infer` A labels FER2013
