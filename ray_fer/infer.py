@@ -59,12 +59,12 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         check_detector()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    model_file = ModelFile.read(cfg.model)  # the file's bytes only: torch opens it in a Ray task below
     inputs = find_inputs(cfg.input)
     faces = cfg.faces != "whole"
-    # the output's lease first: a second run on a live output is refused in seconds, before Ray
-    # starts or the model is read
+    # then the output's lease: a second run on a live output is refused in seconds, before Ray
+    # starts or the model is opened
     with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, faces=faces) as out:
-        model_file = ModelFile.read(cfg.model)
         cluster.connect()
         cluster.refuse_local_paths({"input": cfg.input, "output": cfg.output})
         model = open_model(model_file)
