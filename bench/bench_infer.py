@@ -336,7 +336,8 @@ def main() -> None:
         best_plain = e2e[f"plain_torch_workers{plain_workers}"]["images_per_s"]
         e2e["ratio_vs_best_plain"] = round(e2e["pipeline"]["images_per_s"] / best_plain, 2)
         results["e2e"] = e2e
-        print(f"\n2. end to end (files -> Parquet, EfficientNet-B0 at {args.image_size} px), "
+        size = f"at {args.image_size} px" if not args.model else f"model {args.model}, its own input size"
+        print(f"\n2. end to end (files -> Parquet, EfficientNet-B0 {size}), "
               f"{e2e['pipeline']['images']:,} images, median of {args.e2e_repeats}")
         print_rates(e2e)
         print(f"   pipeline / best plain loop = {e2e['ratio_vs_best_plain']:.2f}x", flush=True)
