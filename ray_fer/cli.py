@@ -151,20 +151,30 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="two evaluations side by side, per class")
-    p.add_argument("a", metavar="A", help="metrics.json of the first evaluation (or its folder)")
-    p.add_argument("b", metavar="B", help="metrics.json of the second evaluation (or its folder)")
+    p = sub.add_parser("compare", help="two evaluations side by side, per class; or two models on several data sets")
+    p.add_argument("a", metavar="A", help="metrics.json of the first evaluation (or its folder), or a folder of "
+                   "evaluations (e.g. the eval/ folder beside a model)")
+    p.add_argument("b", metavar="B", help="the same for the second model")
     p.set_defaults(func=_compare)
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.metrics import compare_metrics
-    from ray_fer.report import format_comparison, load_metrics
+    from ray_fer.report import format_comparison, format_set_comparison, load_evaluations, pair_evaluations
 
-    a, b = load_metrics(args.a), load_metrics(args.b)
-    cmp = compare_metrics(a, b)
-    print(format_comparison(a, b, cmp, names=(args.a, args.b)), flush=True)
-    return cmp
+    evals_a, evals_b = load_evaluations(args.a), load_evaluations(args.b)
+    if len(evals_a) == 1 and len(evals_b) == 1:
+        a, b = evals_a[0], evals_b[0]
+        cmp = compare_metrics(a, b)
+        print(format_comparison(a, b, cmp, names=(args.a, args.b)), flush=True)
+        return cmp
+    pairs = pair_evaluations(evals_a, evals_b)
+    if not pairs:
+        raise UserError(f"{args.a!r} and {args.b!r} share no evaluation of the same data with the same --tta and "
+                        "--faces; evaluate both models on the same folders first")
+    print(format_set_comparison(pairs, names=(args.a, args.b)), flush=True)
+    return {"sets": [{"data": a.get("data"), "tta": a.get("tta"), "faces": a.get("faces", "whole"),
+                      **compare_metrics(a, b)} for a, b in pairs]}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from ray_fer.data import DataError, find_split, list_image_folder
 from ray_fer.face_options import check_detector, check_faces
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
-from ray_fer.metrics import classification_metrics
+from ray_fer.metrics import MISSED, classification_metrics, expected_calibration_error
 from ray_fer.model_ref import PACKAGED_MODELS, ModelFile
 from ray_fer.output import FACE_COLUMNS, files_in
 from ray_fer.pipeline import open_model, prediction_dataset
@@ -52,8 +52,9 @@ def evaluate_folder(
 
     `faces` as `ray-fer infer` (auto: images up to 128 px, such as FER2013's, are face crops; the
     others are searched for faces). Where faces are detected, an image's prediction is its
-    largest face's; images without a face are counted in num_no_face and left out of the
-    metrics, and predictions.parquet holds one row per face.
+    largest face's; an image without a face counts as a miss for its class (num_no_face, and
+    each class's `missed`), and predictions.parquet holds one row per face. `ece` is the expected
+    calibration error of the labelled images' confidences.
     """
     check_tta(tta)
     check_faces(faces)
@@ -100,15 +101,18 @@ def evaluate_folder(
     if len(failed) > 5:
         log.warning("... and %d more unreadable files (see predictions.parquet)", len(failed) - 5)
     labels = per_file["label"].to_pylist()
-    ok = [e is None and label is not None for e, label in zip(errors, labels)]
-    no_face = sum(e is None and label is None for e, label in zip(errors, labels))
+    read = [e is None for e in errors]  # unreadable files are left out; a file without a face is a miss
+    no_face = sum(good and label is None for good, label in zip(read, labels))
     if no_face:
-        log.warning("no face was found in %d of %d images; they are left out of the metrics", no_face, table.num_rows)
-    y_true = [t for t, good in zip(per_file["true_label"].to_pylist(), ok) if good]
-    y_pred = [CLASSES.index(p) for p, good in zip(labels, ok) if good]
-    if not y_true:
+        log.warning("no face was found in %d of %d images; each counts as a miss for its class", no_face,
+                    table.num_rows)
+    y_true = [t for t, good in zip(per_file["true_label"].to_pylist(), read) if good]
+    y_pred = [MISSED if p is None else CLASSES.index(p) for p, good in zip(labels, read) if good]
+    if no_face == len(y_true):
         reason = f"first error: {failed[0][1]}" if failed else "no face was found in any (try --faces whole)"
         raise UserError(f"none of the {table.num_rows} images in {data!r} could be labelled; {reason}")
+    confidence = [c for c, p, good in zip(per_file["confidence"].to_pylist(), labels, read) if good and p is not None]
+    correct = [t == p for t, p in zip(y_true, y_pred) if p != MISSED]
 
     metrics = {
         "model": {"uri": model_uri, "id": model_id, "image_size": ref.image_size, "decode_size": ref.decode_size},
@@ -118,16 +122,21 @@ def evaluate_folder(
         "num_errors": len(failed),
         **({"faces": faces, "num_no_face": no_face} if face_columns else {}),
         **classification_metrics(y_true, y_pred),
+        "ece": expected_calibration_error(confidence, correct),
         "seconds": round(seconds, 2),
         "images_per_s": round(table.num_rows / seconds, 1),
     }
     paths = write_evaluation(output, metrics)
     paths["predictions"] = storage.join(output, PREDICTIONS_FILE)
     _write_parquet(paths["predictions"], predictions)
-    log.info("accuracy %.2f%%, macro-F1 %.3f on %d images (tta %s); report: %s",
-             100 * metrics["accuracy"], metrics["macro_f1"], metrics["num_images"], tta, paths["report"])
+    found = f", a face found in {metrics['num_images'] - no_face}" if face_columns else ""
+    log.info("accuracy %.2f%%, macro-F1 %.3f, ECE %.3f on %d images%s (tta %s); report: %s",
+             100 * metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["num_images"], found, tta,
+             paths["report"])
     return {
         "accuracy": round(metrics["accuracy"], 6), "macro_f1": round(metrics["macro_f1"], 6),
+        "ece": round(metrics["ece"], 6),
+        "recall": {c: None if m["recall"] is None else round(m["recall"], 4) for c, m in metrics["per_class"].items()},
         "images": metrics["num_images"], "errors": len(failed), **({"no_face": no_face} if face_columns else {}),
         "tta": tta, "model": model_id,
         "seconds": metrics["seconds"], "images_per_s": metrics["images_per_s"], "output": output, **paths,

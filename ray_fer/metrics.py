@@ -28,21 +28,36 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: 
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+MISSED = -1  # a y_pred value: the image got no label (no face was found in it); a miss for its class
+
+
 def classification_metrics(
     y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str] = CLASSES
 ) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1 and per-class metrics of integer labels."""
-    return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+    """Accuracy, macro precision/recall/F1 and per-class metrics of integer labels.
+
+    A prediction of MISSED (an image in which no face was found) counts against accuracy and its
+    class's recall, and is in no class's precision; each class's `missed` says how many."""
+    t = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(y_pred, dtype=np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {t.size} vs {p.size}")
+    miss = p == MISSED
+    missed = np.bincount(t[miss], minlength=len(classes)) if miss.any() else None
+    return metrics_from_confusion(confusion_matrix(t[~miss], p[~miss], len(classes)), classes, missed=missed)
 
 
-def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
-    """The metrics dict of a confusion matrix (rows true, columns predicted); JSON-ready."""
+def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str] = CLASSES,
+                           missed: np.ndarray | None = None) -> dict[str, Any]:
+    """The metrics dict of a confusion matrix (rows true, columns predicted) and the images of
+    each class that got no label (`missed`); JSON-ready."""
     cm = np.asarray(cm, dtype=np.int64)
     assert cm.shape == (len(classes), len(classes)), cm.shape
+    missed = np.zeros(len(classes), dtype=np.int64) if missed is None else np.asarray(missed, dtype=np.int64)
     tp = np.diag(cm)
-    support = cm.sum(axis=1)
+    support = cm.sum(axis=1) + missed
     predicted = cm.sum(axis=0)
-    n = int(cm.sum())
+    n = int(cm.sum() + missed.sum())
     per_class: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(classes):
         recall = float(tp[i] / support[i]) if support[i] else None
@@ -55,7 +70,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> 
         else:
             f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
-                           "support": int(support[i]), "predicted": int(predicted[i])}
+                           "support": int(support[i]), "predicted": int(predicted[i]), "missed": int(missed[i])}
     present = [per_class[c] for c in classes if per_class[c]["support"] > 0]
 
     def macro(key: str) -> float | None:
@@ -63,6 +78,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> 
 
     return {
         "num_images": n,
+        "num_missed": int(missed.sum()),
         "accuracy": float(tp.sum() / n) if n else None,
         "macro_f1": macro("f1"),
         "macro_precision": macro("precision"),
@@ -71,6 +87,21 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> 
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float | None:
+    """ECE: the mean gap between confidence and accuracy over `bins` equal-width confidence bins,
+    weighted by the share of predictions in each (Guo et al. 2017); None without predictions."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.shape != hit.shape:
+        raise ValueError(f"confidence and correct differ in length: {conf.size} vs {hit.size}")
+    if not conf.size:
+        return None
+    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, weights=conf, minlength=bins) - np.bincount(which, weights=hit, minlength=bins))
+    return float(gap.sum() / conf.size) if count.sum() else None
 
 
 def top_confusions(metrics: dict[str, Any], k: int = 3) -> list[tuple[str, str, int, float]]:

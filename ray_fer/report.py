@@ -205,20 +205,24 @@ def render_report(metrics: dict[str, Any]) -> str:
         skipped = metrics.get("num_errors", 0)
         note = f"; {skipped:,} unreadable files skipped" if skipped else ""
         lines.append(f"- data: `{metrics['data']}`: {metrics['num_images']:,} images{note}")
+    if "num_no_face" in metrics:
+        lines.append(f"- faces ({metrics.get('faces', '?')}): found in {metrics['num_images'] - metrics['num_no_face']:,}"
+                     f" images, not found in {metrics['num_no_face']:,} (each a miss for its class)")
+    ece = f", expected calibration error {_fmt(metrics['ece'])}" if metrics.get("ece") is not None else ""
     lines += [
         f"- test-time augmentation: {metrics.get('tta', 'none')}",
         f"- **accuracy {_fmt(metrics['accuracy'], percent=True)}**, **macro-F1 {_fmt(metrics['macro_f1'])}**, "
-        f"balanced accuracy (mean recall) {_fmt(metrics['macro_recall'], percent=True)}",
+        f"balanced accuracy (mean recall) {_fmt(metrics['macro_recall'], percent=True)}{ece}",
         "",
-        "| class | precision | recall | F1 | support | predicted |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| class | precision | recall | F1 | support | predicted | no face |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in metrics["classes"]:
         m = metrics["per_class"][name]
         lines.append(f"| {name} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} "
-                     f"| {m['support']:,} | {m['predicted']:,} |")
+                     f"| {m['support']:,} | {m['predicted']:,} | {m.get('missed', 0):,} |")
     lines.append(f"| **macro average** | {_fmt(metrics['macro_precision'])} | {_fmt(metrics['macro_recall'])} "
-                 f"| {_fmt(metrics['macro_f1'])} | {metrics['num_images']:,} | |")
+                 f"| {_fmt(metrics['macro_f1'])} | {metrics['num_images']:,} | | {metrics.get('num_missed', 0):,} |")
     confusions = top_confusions(metrics)
     if confusions:
         lines += ["", "Most frequent confusions: " + "; ".join(
@@ -255,6 +259,53 @@ def load_metrics(uri: str) -> dict[str, Any]:
         raise UserError(f"{uri!r} is not a metrics.json written by `ray-fer evaluate` (no per_class/accuracy)")
     return data
 
+
+
+def load_evaluations(uri: str) -> list[dict[str, Any]]:
+    """The evaluations at `uri`: one metrics.json (or a folder holding one), or a folder whose
+    sub-folders hold them, as `evaluate` collects a model's evaluations in <model folder>/eval/."""
+    if not storage.is_dir(uri) or storage.exists(storage.join(uri, METRICS_FILE)):
+        return [load_metrics(uri)]
+    found = [storage.join(child, METRICS_FILE) for child, is_dir in storage.list_dir(uri) if is_dir]
+    found = sorted(f for f in found if storage.exists(f))
+    if not found:
+        raise UserError(f"{uri!r} holds no metrics.json, nor sub-folders with one; pass what `ray-fer evaluate` "
+                        "wrote (its output folder, or the eval/ folder beside a model)")
+    return [load_metrics(f) for f in found]
+
+
+def _setting(m: dict[str, Any]) -> tuple[str, str, str]:
+    """What makes two evaluations comparable: the data, the test-time augmentation, the face stage."""
+    return (str(m.get("data")), str(m.get("tta", "none")), str(m.get("faces", "whole")))
+
+
+def pair_evaluations(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The evaluations of A and B on the same data with the same settings, in A's order."""
+    by_setting = {_setting(m): m for m in b}
+    return [(m, by_setting[_setting(m)]) for m in a if _setting(m) in by_setting]
+
+
+def format_set_comparison(pairs: list[tuple[dict[str, Any], dict[str, Any]]], names: tuple[str, str]) -> str:
+    """A Markdown table of two models on several data sets: accuracy, macro-F1, expected
+    calibration error and images without a face, A and B side by side, one row per set."""
+    def d(x: float | None, y: float | None) -> str:
+        return "–" if x is None or y is None else f"{y - x:+.3f}"
+
+    def ids(i: int) -> str:
+        return ", ".join(sorted({p[i].get("model", {}).get("id", "?") for p in pairs}))
+
+    lines = [f"A: {names[0]} ({ids(0)})", f"B: {names[1]} ({ids(1)})", "",
+             "| data | TTA | faces | images | acc A | acc B | Δ acc | macro-F1 A | macro-F1 B | Δ macro-F1 "
+             "| ECE A | ECE B | no face A | no face B |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a, b in pairs:
+        data, tta, faces = _setting(a)
+        lines.append(
+            f"| {storage.basename(data.rstrip('/'))} | {tta} | {faces} | {a['num_images']:,} "
+            f"| {_fmt(a['accuracy'])} | {_fmt(b['accuracy'])} | {d(a['accuracy'], b['accuracy'])} "
+            f"| {_fmt(a['macro_f1'])} | {_fmt(b['macro_f1'])} | {d(a['macro_f1'], b['macro_f1'])} "
+            f"| {_fmt(a.get('ece'))} | {_fmt(b.get('ece'))} | {a.get('num_no_face', '–')} | {b.get('num_no_face', '–')} |")
+    return "\n".join(lines)
 
 
 def format_comparison(a: dict[str, Any], b: dict[str, Any], cmp: dict[str, Any],

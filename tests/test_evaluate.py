@@ -54,13 +54,21 @@ def test_evaluate_fer_val_subset_end_to_end(ray_local, fer_root, bundle_path, tm
         (flipped / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])).save(flipped / CLASSES[label] / f"{Path(path).stem}.png")
     (flipped / "angry" / "broken.png").write_bytes(b"\x89PNG truncated")  # counted, not fatal
+    # a photo (bigger than a face crop) in which no face is found: a miss for its class, not left out
+    Image.fromarray(np.tile(np.linspace(0, 255, 200, dtype=np.uint8), (200, 1))).save(flipped / "sad" / "blank.png")
     mirror = ev.evaluate_folder(bundle_path, str(flipped), output=str(tmp_path / "mirror"), precision="fp32")
-    assert mirror["images"] == 21 and mirror["errors"] == 1
+    assert mirror["images"] == 22 and mirror["errors"] == 1 and mirror["no_face"] == 1
+    mirror_metrics = json.loads((tmp_path / "mirror" / "metrics.json").read_text())
+    sad = mirror_metrics["per_class"]["sad"]
+    assert (sad["support"], sad["missed"], mirror_metrics["num_missed"]) == (4, 1, 1)
+    assert sad["recall"] <= 0.75 and 0 <= mirror["ece"] <= 1
+    assert "not found in 1 " in (tmp_path / "mirror" / "report.md").read_text()
     tta = ev.evaluate_folder(bundle_path, val, output=f"s3://{s3_bucket}/eval/flip", tta="flip",
                              precision="fp32", limit_per_class=3)
     assert tta["report"] == f"s3://{s3_bucket}/eval/flip/report.md" and storage.exists(tta["confusion_matrix"])
     mirror_rows, tta_rows = _read_predictions(mirror["predictions"]), _read_predictions(tta["predictions"])
     assert mirror_rows.pop("broken")["error"]
+    assert mirror_rows.pop("blank")["label"] is None
     assert set(tta_rows) == set(rows) == set(mirror_rows)
     for key, row in tta_rows.items():
         for c in CLASSES:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import _metrics_with_identity, _png_size, _run_cli
+from conftest import Y_TRUE, Y_PRED, _metrics_with_identity, _png_size, _run_cli
 from ray_fer import metrics, report, storage
 from ray_fer.labels import CLASSES
 
@@ -80,3 +80,33 @@ def test_cli_compare_and_report(tmp_path, capsys, bundle_path):
     run = str(Path(bundle_path).parent)
     code, out, _ = _run_cli(["report", run], capsys)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["curves"].endswith("curves.png")
+
+
+def test_cli_compare_two_models_on_several_sets(tmp_path, capsys):
+    """Folders of evaluations (as <model>/eval/ collects them) are paired by data set and settings."""
+    from ray_fer import metrics
+
+    def evaluation(model_id: str, data: str, y_pred: list[int], faces: str | None = None) -> dict:
+        m = metrics.classification_metrics(Y_TRUE, y_pred)
+        m.update(model={"id": model_id}, data=data, tta="none", ece=0.1)
+        if faces:
+            m.update(faces=faces, num_no_face=sum(p == metrics.MISSED for p in y_pred))
+        return m
+
+    right = list(Y_TRUE)
+    missed = [metrics.MISSED] * 2 + Y_TRUE[2:]
+    for model, preds in (("aaaa", Y_PRED), ("bbbb", right)):
+        report.write_evaluation(str(tmp_path / model / "eval" / "val-none"), evaluation(model, "/d/val", preds))
+        report.write_evaluation(str(tmp_path / model / "eval" / "dev-none"),
+                                evaluation(model, "/d/dev", missed if model == "bbbb" else Y_PRED, faces="detect"))
+    report.write_evaluation(str(tmp_path / "aaaa" / "eval" / "other-none"), evaluation("aaaa", "/d/other", Y_PRED))
+    code, out, _ = _run_cli(["compare", str(tmp_path / "aaaa" / "eval"), str(tmp_path / "bbbb" / "eval")], capsys)
+    assert code == 0
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"data", "val", "dev"}  # the set only A has is left out
+    assert "| 0.500 | 1.000 | +0.500 |" in rows["val"]
+    assert rows["dev"].rstrip().endswith("| 0 | 2 |")  # images without a face, A and B
+    sets = json.loads(out.strip().splitlines()[-1])["sets"]
+    assert [s["data"] for s in sets] == ["/d/dev", "/d/val"] and sets[0]["faces"] == "detect"
+    assert sets[0]["accuracy_delta"] == pytest.approx(10 / 12 - 6 / 12)
+
