@@ -37,6 +37,13 @@ class DataConfig:
     image_size: int = 224  # model input side in pixels
     decode_size: int = 48  # side the CPU decodes images to (uint8); resized to image_size on the device
     limit_per_class: int | None = None  # cap on images per class and split, for quick runs
+    # more labelled image folders added to the training split (e.g. real photos beside FER2013)
+    extra_train: list[str] = field(default_factory=list)
+    extra_repeat: int = 1  # times each image of extra_train is seen per epoch (a small set oversampled)
+    # whole: every image is a face, decoded whole. auto: images bigger than 128 px (photos) are
+    # searched for faces and the largest one's aligned crop, cut as the face stage cuts it when
+    # labelling, is the training image (no face found: the whole image); smaller ones stay whole
+    faces: Literal["whole", "auto"] = "whole"
 
     def check(self) -> None:
         if not self.train:
@@ -47,6 +54,10 @@ class DataConfig:
         _at_least("data.decode_size", self.decode_size, 8)
         if self.limit_per_class is not None:
             _at_least("data.limit_per_class", self.limit_per_class, 1)
+        _at_least("data.extra_repeat", self.extra_repeat, 1)
+        if any(not p for p in self.extra_train):
+            raise ConfigError("data.extra_train holds an empty path; give image-folder roots, e.g. "
+                              "--set 'data.extra_train=[/data/wild-faces/train]'")
 
 
 @dataclass
@@ -69,11 +80,15 @@ class TrainConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule, updated every step
     warmup_epochs: int = 0  # epochs of per-step linear warm-up before the schedule
     label_smoothing: float = 0.0
+    # 0: off. Otherwise logit-adjusted cross-entropy with this tau (1 is the paper's): the loss adds
+    # tau * log(class prior of the training rows) to the logits, so the model's own logits are
+    # trained as if the classes were balanced (against a drift to FER2013's happy and neutral)
+    logit_adjust: float = 0.0
     # 0: off. Otherwise keep an exponential moving average of the weights and BatchNorm statistics,
     # updated after every optimizer step with this decay (0.999 averages over about 1,000 steps):
     # val metrics, the best checkpoint and the exported model are then the average's
     ema_decay: float = 0.0
-    augment: Literal["standard", "flip_rotate", "none"] = "standard"  # named train preset
+    augment: Literal["standard", "photo", "flip_rotate", "none"] = "standard"  # named train preset
     # 0: off. Otherwise each face is augmented twice and the loss adds this weight times the
     # Jensen-Shannon divergence of the two predictions (AugMix's consistency loss): labels that
     # change less with framing, at about twice the cost of a step
@@ -100,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.logit_adjust < 0:
+            raise ConfigError(f"train.logit_adjust must be >= 0 (0 turns it off; 1 is usual), got {self.logit_adjust}")
         if self.consistency < 0:
             raise ConfigError(f"train.consistency must be >= 0 (0 turns it off; AugMix uses 12), got {self.consistency}")
         if self.consistency_view == "face" and not self.consistency:
@@ -108,7 +125,7 @@ class TrainConfig:
                               "at augment")
         if self.consistency and self.augment == "none" and self.consistency_view == "augment":
             raise ConfigError("train.consistency compares two augmentations of each face, and train.augment=none "
-                              "makes them the same; choose train.augment=standard or flip_rotate, "
+                              "makes them the same; choose train.augment=standard, photo or flip_rotate, "
                               "train.consistency_view=face, or train.consistency=0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns the weight average off; 0.999 is "
@@ -330,6 +347,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):  # one path given where a list is expected
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        raise ConfigError(f"{key} must be a list, got {value!r}")
     if origin is dict or tp is dict:
         if isinstance(value, dict):
             return value

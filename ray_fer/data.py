@@ -221,7 +221,8 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
 EXAMPLES = 5  # undecodable files named in the warning; the rest are counted
 
 
-def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int | None = None):
+def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int | None = None,
+                         faces: str = "whole", cpus: int = 1, columns: tuple[str, ...] = ("image", "label")):
     """A materialised Ray Dataset of decoded (image, label) rows; undecodable files are left out
     and summed up in one warning (their count and the first few with their reasons).
 
@@ -229,12 +230,21 @@ def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int
     from the object store instead of decoding again. With `shuffle_seed` the rows are put in a
     seeded random order first, so that every block mixes the classes (a listing is sorted by
     class) and random block order plus a local shuffle buffer make well-mixed batches.
+    With `faces` "auto", images bigger than AUTO_WHOLE_SIDE are photos: each becomes its largest
+    face's aligned crop (`face_views.faces_of_photos`, a pool of up to `cpus` detector actors;
+    `photo` and `face_found` say which rows were photos and had a face). `columns` are kept.
     """
     from ray.data.expressions import col
 
     if shuffle_seed is not None:
         table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
-    decoded = decoded_dataset(table, decode_size=decode_size).materialize()
+    if faces == "auto":
+        from ray_fer.face_views import faces_of_photos
+
+        photos = decoded_dataset(table, decode_size=decode_size, faces="auto")
+        decoded = faces_of_photos(photos, size=decode_size, cpus=cpus)
+    else:
+        decoded = decoded_dataset(table, decode_size=decode_size).materialize()
     failed = decoded.filter(expr=col("error").is_not_null()).select_columns(["path", "error"]).materialize()
     skipped = failed.count()
     if skipped:
@@ -242,4 +252,4 @@ def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int
         log.warning("left out %d of %d files that could not be decoded, e.g. %s", skipped, table.num_rows, examples)
     if skipped == table.num_rows:
         raise DataError("no image could be decoded; check that the files are images")
-    return decoded.filter(expr=col("error").is_null()).select_columns(["image", "label"]).materialize()
+    return decoded.filter(expr=col("error").is_null()).select_columns(list(columns)).materialize()

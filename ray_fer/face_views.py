@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ray_fer.faces import FaceDetector, align_matrices, crop_faces
 
@@ -75,3 +75,64 @@ def with_face_views(ds, cpus: int):
     log.info("face views: the detector found the face in %s of %s training faces (%.0f%%); the others are "
              "their own second view", f"{found:,}", f"{total:,}", 100 * found / max(1, total))
     return out.select_columns(["image", "label", "view"]).materialize()
+
+
+# --------------------------------------------------------------------------------------------
+# Photos in a training set (data.faces=auto): the largest face, cut as the face stage cuts it
+
+
+def largest_face_crops(batch: dict[str, np.ndarray], detector: FaceDetector, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, found) for a batch of `data.decode_photos` rows: a photo row's `image` becomes the
+    aligned crop of its largest face (as `FacePredictor` cuts faces when labelling), or the whole
+    photo centre-cropped where no face is found; face-crop rows keep their `image`."""
+    images = np.array(batch["image"], dtype=np.uint8, copy=True)
+    photo = np.flatnonzero(np.asarray(batch["detect_width"]) > 0)
+    found = np.zeros(len(images), dtype=bool)
+    dh, dw = np.asarray(batch["detect_height"]), np.asarray(batch["detect_width"])
+    gh, gw = np.asarray(batch["gray_height"]), np.asarray(batch["gray_width"])
+    searched = [np.frombuffer(batch["detect"][i], dtype=np.uint8).reshape(dh[i], dw[i], 3) for i in photo]
+    for i, det in zip(photo, detector.detect(searched, chunk=CHUNK)):
+        gray = np.frombuffer(batch["gray"][i], dtype=np.uint8).reshape(gh[i], gw[i])
+        if not len(det):
+            images[i] = np.asarray(ImageOps.fit(Image.fromarray(gray), (size, size), Image.Resampling.BILINEAR))
+            continue
+        areas = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
+        best = int(np.argmax(areas))
+        to_gray = np.array([gw[i] / dw[i], gh[i] / dh[i]], dtype=np.float32)
+        matrices = align_matrices(det.landmarks[best:best + 1] * to_gray, size)
+        images[i] = crop_faces(torch.from_numpy(gray.copy()), matrices, size)[0].numpy()
+        found[i] = True
+    return images, found
+
+
+class TrainingFaces:
+    """Ray Data callable class: photo rows of a decoded training set -> their largest face's crop
+    (`largest_face_crops`); adds `photo` and `face_found`. The detector loads once per actor."""
+
+    def __init__(self, size: int, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.detector = FaceDetector("cpu")
+        self.size = size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, found = largest_face_crops(batch, self.detector, self.size)
+        photo = np.asarray(batch["detect_width"]) > 0
+        # an all-null `error` column reaches a numpy batch as NaN floats: keep the strings, else None
+        errors = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
+        return {"image": images, "label": np.asarray(batch["label"]), "error": errors,
+                "path": np.asarray(batch["path"]), "photo": photo, "face_found": found}
+
+
+def faces_of_photos(ds, *, size: int, cpus: int):
+    """A decoded dataset (`data.decode_photos` rows) with each photo replaced by its largest face,
+    computed by a pool of up to `cpus` single-threaded detector actors and materialised; logs how
+    many photos there were and in how many a face was found."""
+    import ray
+
+    out = ds.map_batches(TrainingFaces, fn_constructor_kwargs={"size": size}, batch_size=64, batch_format="numpy",
+                         num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))).materialize()
+    photos, found = int(out.sum("photo") or 0), int(out.sum("face_found") or 0)
+    if photos:
+        log.info("faces: %s of %s photos had a face found, trained on its aligned crop; the others whole",
+                 f"{found:,}", f"{photos:,}")
+    return out

@@ -68,6 +68,12 @@ class TrainPreset(EvalPreset):
     scale: float = 0.0  # max relative zoom, either way
     translate: float = 0.0  # max shift as a fraction of the side, either way
     erasing: float = 0.0  # probability of erasing one random rectangle (random erasing)
+    # probability of a low-resolution copy: the face downscaled to LOW_RES_SIDES (one side per
+    # batch) and back, as a small face in a photo or a soft focus gives it
+    low_res: float = 0.0
+    # strength of random gamma (exp(+-s)), contrast (1 +- s) and brightness (+-s/4 of the range)
+    # per image, as exposure and lighting vary between photos; 0: off
+    photometric: float = 0.0
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = _to_float(pixels)
@@ -88,6 +94,10 @@ class TrainPreset(EvalPreset):
         )
         grid = F.affine_grid(theta, [b, 1, self.image_size, self.image_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.low_res > 0:
+            x = _low_resolution(x, self.low_res, generator)
+        if self.photometric > 0:
+            x = _photometric(x, self.photometric, generator)
         out = self._normalise(x)
         if self.erasing > 0:
             out = _random_erase(out, self.erasing, generator)
@@ -101,6 +111,36 @@ def _to_float(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dim() == 3:
         pixels = pixels.unsqueeze(1)
     return pixels.float()
+
+
+LOW_RES_SIDES = (12, 28)  # side range of the low-resolution copies, in pixels (FER2013 faces are 48)
+
+
+def _low_resolution(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A random subset of the images (probability p) downscaled to one random side and back up."""
+    b, _, h, w = x.shape
+    chosen = torch.rand(b, generator=generator, device=x.device) < p
+    if not bool(chosen.any()):
+        return x
+    low, high = LOW_RES_SIDES
+    side = int(low + torch.randint(0, high - low + 1, (1,), generator=generator, device=x.device).item())
+    if side >= min(h, w):
+        return x
+    small = F.interpolate(x[chosen], size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    x = x.clone()
+    x[chosen] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return x
+
+
+def _photometric(x: torch.Tensor, s: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Per image: gamma exp(+-s), contrast 1 +- s about the image's mean, brightness +-s/4 of the
+    range; values stay in 0..255."""
+    b = x.shape[0]
+    rand = lambda: torch.rand(b, 1, 1, 1, generator=generator, device=x.device) * 2 - 1  # noqa: E731
+    gamma, contrast, shift = torch.exp(rand() * s), 1 + rand() * s, rand() * (s / 4) * 255
+    y = 255.0 * (x.clamp(0, 255) / 255.0) ** gamma
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    return ((y - mean) * contrast + mean + shift).clamp(0, 255)
 
 
 def _random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -126,16 +166,21 @@ def _random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None) 
 
 
 def train_preset(name: str, *, image_size: int, channels_last: bool = True) -> EvalPreset:
-    """The named training presets: "standard" (flip, rotation, zoom, shift, erasing),
+    """The named training presets: "standard" (flip, rotation, zoom, shift, erasing), "photo"
+    (standard with more zoom and shift, as a detector's boxes vary, plus low-resolution copies and
+    random gamma, contrast and brightness, as real photos differ from FER2013's faces),
     "flip_rotate" (flip and rotation, as the seed project) and "none"."""
     if name == "standard":
         return TrainPreset(image_size=image_size, channels_last=channels_last,
                            rotation=15.0, scale=0.15, translate=0.1, erasing=0.25)
+    if name == "photo":
+        return TrainPreset(image_size=image_size, channels_last=channels_last, rotation=15.0, scale=0.2,
+                           translate=0.12, erasing=0.25, low_res=0.3, photometric=0.3)
     if name == "flip_rotate":
         return TrainPreset(image_size=image_size, channels_last=channels_last, rotation=10.0)
     if name == "none":
         return EvalPreset(image_size=image_size, channels_last=channels_last)
-    raise ValueError(f"unknown augmentation preset {name!r}; choose one of: standard, flip_rotate, none")
+    raise ValueError(f"unknown augmentation preset {name!r}; choose one of: standard, photo, flip_rotate, none")
 
 
 # --------------------------------------------------------------------------------------------

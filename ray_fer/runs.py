@@ -149,6 +149,7 @@ RESUMABLE = frozenset({
 # Not settings of the run: its folder (the same by definition) and how this start treats it
 _NOT_COMPARED = ("run.name", "run.storage_path", "run.resume")
 _PATH_KEYS = ("data.train", "data.val", "model.weights")  # compared as paths: ./a and /abs/a are one folder
+_PATH_LIST_KEYS = ("data.extra_train",)
 
 
 @dataclass
@@ -221,7 +222,11 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _same(key: str, a: Any, b: Any) -> bool:
     if a == b:
         return True
-    return key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str) and _normal_path(a) == _normal_path(b)
+    if key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str):
+        return _normal_path(a) == _normal_path(b)
+    if key in _PATH_LIST_KEYS and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_normal_path(x) == _normal_path(y) for x, y in zip(a, b))
+    return False
 
 
 def _normal_path(p: str) -> str:

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from ray_fer.data import image_folder_dataset, list_image_folder
 from ray_fer.face_options import check_detector
 from ray_fer.face_views import with_face_views
 from ray_fer.images import EvalPreset, train_preset
+from ray_fer.labels import CLASSES
 from ray_fer.lease import Lease, new_run_id
 from ray_fer.model import build_model, save_bundle, unwrap
 from ray_fer.precision import autocast_dtype
@@ -56,6 +58,7 @@ def train_one_epoch(
     device: torch.device,
     label_smoothing: float = 0.0,
     consistency: float = 0.0,
+    logit_bias: torch.Tensor | None = None,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     lr_at: Callable[[int], float] | None = None,
@@ -69,7 +72,9 @@ def train_one_epoch(
     `consistency` > 0 each face is augmented twice, the second time from the batch's `view` where it
     has one (the face stage's crop of the face), and the loss adds that weight times the
     Jensen-Shannon divergence of the model's two predictions (`consistency_loss`); the loss sum
-    and accuracy stay the cross-entropy's and the first view's, comparable with a run without it."""
+    and accuracy stay the cross-entropy's and the first view's, comparable with a run without it.
+    `logit_bias` (one value per class) is added to the logits inside the loss only: logit-adjusted
+    cross-entropy (`logit_adjustment`); the accuracy is the model's own."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -86,13 +91,14 @@ def train_one_epoch(
             x = preset(images)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x).float()
+            shift = 0.0 if logit_bias is None else logit_bias
             if consistency:
                 logits, again = logits.chunk(2)
-                ce = 0.5 * (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-                            + F.cross_entropy(again, labels, label_smoothing=label_smoothing))
+                ce = 0.5 * (F.cross_entropy(logits + shift, labels, label_smoothing=label_smoothing)
+                            + F.cross_entropy(again + shift, labels, label_smoothing=label_smoothing))
                 loss = ce + consistency * consistency_loss(logits, again)
             else:
-                ce = loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                ce = loss = F.cross_entropy(logits + shift, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -110,6 +116,16 @@ def train_one_epoch(
         if fail_after_first_step:
             _kill_self()
     return {"loss_sum": loss_sum.item(), "correct": float(correct.item()), "count": float(seen)}
+
+
+def logit_adjustment(class_counts: list[int], tau: float) -> torch.Tensor:
+    """tau * log(prior) per class, from the training rows' class counts (Menon et al. 2021,
+    "Long-tail learning via logit adjustment"): added to the logits in the loss, it lets the
+    model's own logits learn the classes as if they were balanced, so that the drift towards the
+    training set's frequent classes (FER2013: happy, neutral) does not follow the model to photos
+    whose classes are spread differently. A class without rows counts as one row."""
+    counts = torch.tensor([max(1, c) for c in class_counts], dtype=torch.float32)
+    return tau * torch.log(counts / counts.sum())
 
 
 def consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -302,6 +318,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     face_views = cfg.train.consistency_view == "face"  # the config refuses it without train.consistency
     train_kwargs = {**batch_kwargs, "dtypes": dtypes | ({"view": torch.uint8} if face_views else {})}
     fault_marker = config.get("fault_marker")
+    logit_bias = (logit_adjustment(config["class_counts"], cfg.train.logit_adjust).to(device)
+                  if cfg.train.logit_adjust else None)
 
     def val_batches():
         return val_shard.iter_torch_batches(batch_size=max(64, cfg.train.batch_size), **batch_kwargs)
@@ -320,7 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                            local_shuffle_buffer_size=SHUFFLE_BUFFER, **train_kwargs),
             augment, optimizer, device=device, label_smoothing=cfg.train.label_smoothing,
-            consistency=cfg.train.consistency,
+            consistency=cfg.train.consistency, logit_bias=logit_bias,
             amp_dtype=amp_dtype, scaler=scaler, fail_after_first_step=inject,
             lr_at=lambda i: base_lr * lr_factor(first_step + i, steps, cfg),
             after_step=None if ema is None else lambda: ema.update_parameters(unwrap(model)),
@@ -423,13 +441,48 @@ def _gather_rng_states(world: int) -> list[dict[str, Any]]:
 def check_inputs(cfg: TrainJobConfig):
     """Everything that can be checked before Ray starts: data folders and weights.
 
-    Returns the listed (path, label) tables of both splits."""
-    train_table = list_image_folder(cfg.data.train, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
-    val_table = list_image_folder(cfg.data.val, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
+    Returns the listed (path, label) tables: the training split, the extra training folders
+    (`data.extra_train`, one table, None without them) and the validation split."""
+    def listed(root: str) -> pa.Table:
+        return list_image_folder(root, limit_per_class=cfg.data.limit_per_class, seed=cfg.train.seed)
+
+    train_table = listed(cfg.data.train)
+    extra_table = pa.concat_tables([listed(p) for p in cfg.data.extra_train]) if cfg.data.extra_train else None
+    val_table = listed(cfg.data.val)
     build_model(cfg.model.weights, stem_stride=cfg.model.stem_stride)  # reads / downloads the weights once: a bad file fails here
-    if cfg.train.consistency_view == "face":
+    if cfg.train.consistency_view == "face" or cfg.data.faces != "whole":
         check_detector()
-    return train_table, val_table
+    return train_table, extra_table, val_table
+
+
+def class_counts(train_table: pa.Table, extra_table: pa.Table | None, extra_repeat: int) -> list[int]:
+    """Training rows per class as listed (the extra folders counted `extra_repeat` times)."""
+    import numpy as np
+
+    counts = np.bincount(train_table["label"].to_numpy(), minlength=len(CLASSES))
+    if extra_table is not None:
+        counts += extra_repeat * np.bincount(extra_table["label"].to_numpy(), minlength=len(CLASSES))
+    return [int(c) for c in counts]
+
+
+def training_dataset(cfg: TrainJobConfig, train_table: pa.Table, extra_table: pa.Table | None, cpus: int,
+                     columns: tuple[str, ...] = ("image", "label")):
+    """The decoded training rows: the training split plus `data.extra_repeat` copies of the extra
+    folders' rows (decoded once), shuffled together, with the consistency views when asked.
+    `columns` as `data.image_folder_dataset`'s."""
+    import ray
+
+    def decoded(table: pa.Table):
+        return image_folder_dataset(table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed,
+                                    faces=cfg.data.faces, cpus=cpus, columns=columns)
+
+    train_ds = decoded(train_table)
+    if extra_table is not None:
+        extra = decoded(extra_table)
+        train_ds = train_ds.union(*[extra] * cfg.data.extra_repeat).random_shuffle(seed=cfg.train.seed).materialize()
+    if cfg.train.consistency_view == "face":
+        train_ds = with_face_views(train_ds, cpus=int(ray.cluster_resources().get("CPU", 1)))
+    return train_ds
 
 
 def _resources(cfg: TrainJobConfig, started_here: bool) -> tuple[bool, int]:
@@ -487,27 +540,28 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
     if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
         with lease.fence("export"):
             return export_best(cfg, *best_state_and_history(run_dir(cfg)))
-    train_table, val_table = check_inputs(cfg)
-    steps_per_epoch(train_table.num_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
+    train_table, extra_table, val_table = check_inputs(cfg)
+    train_rows = train_table.num_rows + (extra_table.num_rows * cfg.data.extra_repeat if extra_table else 0)
+    steps_per_epoch(train_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
     started_here = cluster.connect()
     cluster.refuse_local_paths(
-        {"run.storage_path": cfg.run.storage_path, "data.train": cfg.data.train, "data.val": cfg.data.val},
+        {"run.storage_path": cfg.run.storage_path, "data.train": cfg.data.train, "data.val": cfg.data.val}
+        | {f"data.extra_train[{i}]": p for i, p in enumerate(cfg.data.extra_train)},
         shared=cfg.run.shared_storage,
         fix=", or a shared filesystem mounted at the same path on every node and --set run.shared_storage=true",
     )
     use_gpu, threads = _resources(cfg, started_here)
     out_dir = run_dir(cfg)
     log.info("training run %s: %s train and %s val images, %d worker(s) on %s, %d CPU%s each, %d px, %d epochs -> %s",
-             cfg.run.name, f"{train_table.num_rows:,}", f"{val_table.num_rows:,}", cfg.run.num_workers,
+             cfg.run.name, f"{train_rows:,}", f"{val_table.num_rows:,}", cfg.run.num_workers,
              "GPU" if use_gpu else "CPU", threads, "" if threads == 1 else "s", cfg.data.image_size,
              cfg.train.epochs, out_dir)
     with lease.fence("record the start"):
         record_start(cfg, resume)
 
-    train_ds = image_folder_dataset(train_table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed)
-    if cfg.train.consistency_view == "face":
-        train_ds = with_face_views(train_ds, cpus=int(ray.cluster_resources().get("CPU", 1)))
-    val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    train_ds = training_dataset(cfg, train_table, extra_table, cpus)
+    val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size, faces=cfg.data.faces, cpus=cpus)
     steps = steps_per_epoch(train_ds.count(), val_ds.count(), cfg)  # again: undecodable files are left out
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     datasets = {"train": train_ds.randomize_block_order(seed=seed_config), "val": val_ds}
@@ -517,6 +571,7 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
             "cfg": asdict(cfg),
             "threads": threads,
             "steps_per_epoch": steps,
+            "class_counts": class_counts(train_table, extra_table, cfg.data.extra_repeat),
             "fault_marker": storage.join(out_dir, f"fault-injected-epoch-{cfg.train.fail_at_epoch}")
             if cfg.train.fail_at_epoch else None,
         },

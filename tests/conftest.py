@@ -50,6 +50,19 @@ def photos_root(fer_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wild_root(fer_root) -> Path:
+    """wild-faces beside FER2013: real news and film faces in the seven classes (dev/, train/);
+    skipped where absent, a failure in CI."""
+    root = fer_root.parent / "wild-faces"
+    if not (root / "dev").is_dir() or not (root / "train").is_dir():
+        message = f"the wild-faces data set is not at {root}"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": CI must have it")
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server (moto) on 127.0.0.1 behind `FaultyS3Proxy`, with the
     standard AWS settings pointing at the proxy; yields the proxy (`.endpoint`, `.fail(...)`).

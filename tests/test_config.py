@@ -53,12 +53,22 @@ def test_int_is_accepted_for_float_and_choices_ignore_case():
         ("run.name=a/b", "run.name must be a non-empty name without '/'"),
         ("train.channels_last=yes please", "train.channels_last must be true or false"),
         ("train=3", "train must be a mapping"),
+        ("data.extra_train=3", "data.extra_train must be a list, got 3"),
+        ("data.extra_train=['']", "data.extra_train holds an empty path"),
+        ("data.extra_repeat=0", "data.extra_repeat must be >= 1, got 0"),
+        ("data.faces=detect", "data.faces: 'detect' is not valid; choose one of: whole, auto"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TrainJobConfig, None, BASE + [override])
     assert message in str(e.value)
+
+
+def test_extra_training_folders_are_a_list_of_paths():
+    cfg = load_config(TrainJobConfig, None, BASE + ["data.extra_train=[/a, s3://b/c]"])
+    assert cfg.data.extra_train == ["/a", "s3://b/c"]
+    assert load_config(TrainJobConfig, None, BASE + ["data.extra_train=/a"]).data.extra_train == ["/a"]
 
 
 def test_missing_data_paths_say_what_to_pass():

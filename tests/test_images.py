@@ -65,7 +65,7 @@ def test_eval_preset_downscale_is_antialiased():
     assert abs(out.mean().item() - 0.5) < 0.05 and out.std().item() < 0.1
 
 
-@pytest.mark.parametrize("name", ["standard", "flip_rotate", "none"])
+@pytest.mark.parametrize("name", ["standard", "photo", "flip_rotate", "none"])
 def test_train_presets(name):
     preset = train_preset(name, image_size=64)
     x = uint8_batch(8)
@@ -78,8 +78,29 @@ def test_train_presets(name):
 
 
 def test_unknown_train_preset_names_the_choices():
-    with pytest.raises(ValueError, match="standard, flip_rotate, none"):
+    with pytest.raises(ValueError, match="standard, photo, flip_rotate, none"):
         train_preset("fancy", image_size=64)
+
+
+def test_low_resolution_copies_lose_fine_detail_and_keep_the_mean():
+    """low_res=1: every face downscaled to 12-28 px and back: 1-px stripes are gone, the mean stays."""
+    stripes = torch.zeros(16, 48, 48, dtype=torch.uint8)
+    stripes[:, :, ::2] = 255
+    plain = TrainPreset(image_size=48, channels_last=False, hflip=0.0, rotation=0.0)
+    blurred = TrainPreset(image_size=48, channels_last=False, hflip=0.0, rotation=0.0, low_res=1.0)
+    a, b = plain(stripes, torch.Generator().manual_seed(0)), blurred(stripes, torch.Generator().manual_seed(0))
+    assert a.std().item() > 1.5 and b.std().item() < 0.5 * a.std().item()
+    assert abs(a.mean().item() - b.mean().item()) < 0.1
+
+
+def test_photometric_changes_exposure_per_image_within_range():
+    gray = torch.full((64, 48, 48), 128, dtype=torch.uint8)
+    gray[:, :24] = 64
+    preset = TrainPreset(image_size=48, channels_last=False, hflip=0.0, rotation=0.0, photometric=0.3)
+    out = preset(gray, torch.Generator().manual_seed(0))[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    means = out.mean(dim=(1, 2))
+    assert means.std().item() > 0.03  # faces differ in brightness from one another
+    assert out.min().item() >= -1e-5 and out.max().item() <= 1 + 1e-5  # still within 0..255
 
 
 def test_tta_views():

@@ -307,6 +307,35 @@ def test_train_one_epoch_sets_the_lr_of_every_step():
     assert seen[3] == pytest.approx(0.1) and seen[3] > seen[4] > seen[5]
 
 
+def test_logit_adjusted_loss_learns_the_classes_as_if_balanced():
+    """On faces that say nothing of their class (all gray), plain cross-entropy learns the prior:
+    its logits favour the frequent class. The logit-adjusted loss (tau 1) leaves the model's own
+    logits near equal: the prior lives in the loss, not in the model."""
+    from ray_fer.train import logit_adjustment
+
+    counts = [60, 5, 5, 20, 10, 0, 0]
+    assert logit_adjustment(counts, 1.0).exp().sum().item() == pytest.approx(1.0, abs=0.02)  # an empty class as 1 row
+    assert logit_adjustment(counts, 2.0) == pytest.approx(2 * logit_adjustment(counts, 1.0))
+    labels = torch.tensor(sum(([c] * n for c, n in enumerate(counts)), []))
+    gray = torch.full((len(labels), 48, 48), 128, dtype=torch.uint8)
+    batches = [{"image": gray, "label": labels}] * 300
+    preset = EvalPreset(image_size=32, channels_last=False)
+
+    def trained_logits(bias) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 7))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.002)  # ~0.5 on the logits: the input's norm is ~15
+        train_one_epoch(model, batches, preset, optimizer, device=torch.device("cpu"), logit_bias=bias)
+        with torch.no_grad():
+            return model(preset(gray[:1]))[0]
+
+    plain = trained_logits(None).softmax(0)
+    adjusted = trained_logits(logit_adjustment(counts, 1.0)).softmax(0)
+    assert plain[0] > 0.5 and plain.argmax() == 0  # the prior: 60 of 100
+    present = adjusted[:5]  # the classes with rows: near 1/5 each
+    assert present.max() - present.min() < 0.05, adjusted
+
+
 def test_consistency_loss_is_the_jensen_shannon_divergence():
     a = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     assert consistency_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
@@ -349,3 +378,35 @@ def test_consistency_makes_the_two_views_agree(fer_root):
     # measured 1.94 against 1.97 without the loss
     ce, plain_ce = sums["loss_sum"] / sums["count"], plain_sums["loss_sum"] / plain_sums["count"]
     assert 0 < ce < 10 and abs(ce - plain_ce) < 0.15, (ce, plain_ce)
+
+
+def test_photos_in_the_training_set_become_their_faces_crops(fer_root, wild_root, ray_local, tmp_path):
+    """data.faces=auto: FER2013's 48-px crops stay whole; the wild-faces photos (350 px) become
+    their largest face's aligned crop, as the face stage cuts faces when labelling; the extra
+    folder is decoded once and seen data.extra_repeat times."""
+    import numpy as np
+
+    from ray_fer.data import decode_image
+    from ray_fer.train import check_inputs, training_dataset
+
+    cfg = _cfg(fer_root, tmp_path, "photos", "data.limit_per_class=4", f"data.extra_train=[{wild_root / 'train'}]",
+               "data.extra_repeat=3", "data.faces=auto")
+    train_table, extra_table, _ = check_inputs(cfg)
+    assert extra_table.num_rows == 28  # 4 of each class, fear included
+    rows = training_dataset(cfg, train_table, extra_table, cpus=2,
+                            columns=("image", "label", "path", "photo", "face_found")).take_all()
+    assert len(rows) == 28 + 3 * 28
+    by_path: dict[str, list] = {}
+    for r in rows:
+        by_path.setdefault(r["path"], []).append(r)
+    assert all(len(v) == 3 for p, v in by_path.items() if "wild-faces" in p)
+    fer = [v[0] for p, v in by_path.items() if "fer2013" in p]
+    assert len(fer) == 28 and all(r["photo"] == False and r["face_found"] == False for r in fer)  # noqa: E712
+    for r in fer:  # a crop is trained on as it is
+        assert np.array_equal(r["image"], decode_image(Path(r["path"]).read_bytes(), 48)[0])
+    wild = [v[0] for p, v in by_path.items() if "wild-faces" in p]
+    found = [r for r in wild if r["face_found"]]
+    assert len(found) >= 24, f"a face was found in {len(found)} of 28 wild faces"
+    for r in found:  # the aligned crop, not the whole photo squeezed to 48 px
+        whole = decode_image(Path(r["path"]).read_bytes(), 48)[0].astype(float)
+        assert r["image"].shape == (48, 48) and np.abs(r["image"] - whole).mean() > 10
