@@ -125,12 +125,30 @@ COMMIT_STEPS = ["commit", "read _SUCCESS", "delete _SUCCESS", "delete old-a.parq
                 "write _SUCCESS", "delete staging", "end"]
 
 
+# on S3 each stall waits out a longer lease timeout (~8 s a step): the default run stalls at the
+# commit point and at one step on either side of it; make test-all at every step
+S3_DEFAULT_STEPS = ("commit", "move x_000000.parquet", "write _SUCCESS")
+
+
 @pytest.mark.parametrize("step", COMMIT_STEPS)
-def test_a_run_stalled_at_any_commit_step_never_mixes_its_output_with_its_successors(dst, monkeypatch, step):
+def test_a_run_stalled_at_any_commit_step_never_mixes_its_output_with_its_successors(tmp_path, monkeypatch, step):
     """Run A stalls (heartbeat and all) at `step` of its commit for longer than the lease
     timeout; run B takes the output over, labels and commits; then A goes on. A must stop with
     one line and change nothing: the output is B's, each path once, `_SUCCESS` names B's files,
     all of which exist, and nothing else is at the top level."""
+    _stalled_commit(str(tmp_path / "out"), monkeypatch, step)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("step", [s if s in S3_DEFAULT_STEPS else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in COMMIT_STEPS])
+def test_a_run_stalled_at_a_commit_step_on_s3_never_mixes_its_output_with_its_successors(s3_bucket, monkeypatch,
+                                                                                          step):
+    """The same on the S3 server on loopback, where the fence is a conditional write."""
+    _stalled_commit(f"s3://{s3_bucket}/out/labels", monkeypatch, step)
+
+
+def _stalled_commit(dst: str, monkeypatch, step: str) -> None:
     timeout = _timeout(dst)
     monkeypatch.setenv(LEASE_TIMEOUT_ENV, str(timeout))
     _old_output(dst)  # /a.jpg, /b.jpg, /c.jpg
