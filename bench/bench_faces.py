@@ -86,7 +86,7 @@ def resolve_bundle(model: str | None, tmp: str) -> str:
 
 def pipeline(folder: str, model: str, out: str) -> int:
     from ray_fer.config import InferConfig
-    from ray_fer.infer import label_images
+    from ray_fer.label.infer import label_images
 
     summary = label_images(InferConfig(model=model, input=folder, output=out, overwrite=True, faces="detect"))
     return summary["images"]
@@ -96,10 +96,10 @@ def plain_facenet(paths: list[str], model: str, out: str) -> int:
     import pandas as pd
     from facenet_pytorch import MTCNN
 
-    from ray_fer.face_options import DETECT_SIZE
-    from ray_fer.faces import MIN_FACE, THRESHOLDS
+    from ray_fer.faces.options import DETECT_SIZE
+    from ray_fer.faces.detector import MIN_FACE, THRESHOLDS
     from ray_fer.model import load_bundle
-    from ray_fer.predictor import predict_probs
+    from ray_fer.label.predictor import predict_probs
 
     bundle, model_id = load_bundle(model)
     net = bundle.build_model()
@@ -134,7 +134,7 @@ def plain_ray_fer(paths: list[str], predictor: Any, out: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_fer.data import decode_photos
+    from ray_fer.label.datasets import decode_photos
 
     tables = []
     for path in paths:
@@ -151,8 +151,8 @@ def plain_ray_fer(paths: list[str], predictor: Any, out: str) -> int:
 
 
 def detection_sizes(sizes: tuple[int, ...] = (640, 1024)) -> dict[str, Any]:
-    from ray_fer.decode import IMAGE_EXTENSIONS, decode_photo
-    from ray_fer.faces import FaceDetector
+    from ray_fer.label.decode import IMAGE_EXTENSIONS, decode_photo
+    from ray_fer.faces.detector import FaceDetector
 
     folder = DATA / "photos"
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -285,7 +285,7 @@ def main() -> None:
     if "e2e" not in args.skip:
         import ray
 
-        from ray_fer.face_predictor import FacePredictor
+        from ray_fer.label.face_predictor import FacePredictor
 
         model = resolve_bundle(args.model, tmp)
         results["model"] = model
@@ -347,7 +347,7 @@ def main() -> None:
                 stages = "; ".join(f"{role}: {v['processes']} seen, RSS {v['peak_rss_mb']:,}, USS {v['peak_uss_mb']:,}"
                                    for role, v in r.items() if isinstance(v, dict))
                 print(f"   {name:>9}: {r['photos_per_s']} photos/s; {stages}")
-        from ray_fer.plan import FACE_PREDICTOR_MEMORY
+        from ray_fer.label.plan import FACE_PREDICTOR_MEMORY
 
         big = mem[f"{BIG[0]}x{BIG[1]}"]["actors"]["peak_uss_mb"]
         print(f"   actors' peak USS on 24 megapixels: {big:,} MB, {mem['actor_uss_ratio']:.2f}x that on 1280x960 "

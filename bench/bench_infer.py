@@ -79,8 +79,8 @@ def _preprocess_count(batch: dict[str, np.ndarray], *, image_size: int) -> dict[
 
 
 def ingest_pipeline(data: str, image_size: int) -> int:
-    from ray_fer.data import DECODE_BATCH, decoded_dataset
-    from ray_fer.inputs import blocks_of, find_inputs, input_dataset
+    from ray_fer.label.datasets import DECODE_BATCH, decoded_dataset
+    from ray_fer.label.inputs import blocks_of, find_inputs, input_dataset
 
     with blocks_of(DECODE_BATCH):  # as labelling streams it: listing tasks -> decode tasks
         ds = decoded_dataset(input_dataset(find_inputs(data)), decode_size=48)
@@ -101,8 +101,8 @@ def ingest_read_images(data: str, image_size: int) -> int:
 def ingest_pil_loop(data: str, image_size: int) -> int:
     from PIL import Image
 
-    from ray_fer import storage
-    from ray_fer.decode import IMAGE_EXTENSIONS
+    from ray_fer.store import storage
+    from ray_fer.label.decode import IMAGE_EXTENSIONS
 
     n = 0
     batch: list[np.ndarray] = []
@@ -123,7 +123,7 @@ def ingest_pil_loop(data: str, image_size: int) -> int:
 
 def e2e_pipeline(data: str, model: str, out: str, **settings: Any) -> int:
     from ray_fer.config import InferConfig
-    from ray_fer.infer import label_images
+    from ray_fer.label.infer import label_images
 
     return label_images(InferConfig(model=model, input=data, output=out, overwrite=True, **settings))["images"]
 
@@ -165,9 +165,9 @@ def e2e_plain_torch(data: str, model: str, out: str, *, workers: int) -> int:
 
 
 def model_speed(model: str, image_size: int, data: str, seconds: float = 4.0) -> dict[str, float]:
-    from ray_fer import storage
-    from ray_fer.decode import IMAGE_EXTENSIONS, decode_image
-    from ray_fer.predictor import predict_probs
+    from ray_fer.store import storage
+    from ray_fer.label.decode import IMAGE_EXTENSIONS, decode_image
+    from ray_fer.label.predictor import predict_probs
     from ray_fer.model import load_bundle
 
     bundle, _ = load_bundle(model)
@@ -193,9 +193,9 @@ def model_speed(model: str, image_size: int, data: str, seconds: float = 4.0) ->
 
 
 def bf16_agreement(model: str, data: str) -> dict[str, Any]:
-    from ray_fer import storage
-    from ray_fer.decode import IMAGE_EXTENSIONS, decode_image
-    from ray_fer.predictor import predict_probs
+    from ray_fer.store import storage
+    from ray_fer.label.decode import IMAGE_EXTENSIONS, decode_image
+    from ray_fer.label.predictor import predict_probs
     from ray_fer.model import load_bundle
 
     bundle, _ = load_bundle(model)
@@ -221,12 +221,12 @@ def quick_trained_bundle(path: str, image_size: int, train_dir: str, per_class: 
     random-init network gives every face the same near-uniform output (all near-ties), a weak but
     trained one about 10% near-ties, so the timings use the latter.
     """
-    from ray_fer import storage
-    from ray_fer.decode import IMAGE_EXTENSIONS, decode_image
+    from ray_fer.store import storage
+    from ray_fer.label.decode import IMAGE_EXTENSIONS, decode_image
     from ray_fer.images import train_preset
     from ray_fer.labels import CLASSES
     from ray_fer.model import ModelBundle, build_model, save_bundle
-    from ray_fer.train import train_one_epoch
+    from ray_fer.train.loop import train_one_epoch
 
     torch.manual_seed(0)
     images, labels = [], []

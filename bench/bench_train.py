@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from ray_fer.config import TrainJobConfig, load_config
-from ray_fer.data import list_image_folder
+from ray_fer.label.datasets import list_image_folder
 from ray_fer.images import IMAGENET_MEAN, IMAGENET_STD
 from ray_fer.model import build_model, load_bundle
-from ray_fer.train import run_training
+from ray_fer.train.trainer import run_training
 
 
 def plain_pytorch(paths: set[str], root: Path, *, image_size: int, batch_size: int, epochs: int,
@@ -68,7 +68,7 @@ def plain_pytorch(paths: set[str], root: Path, *, image_size: int, batch_size: i
 
 def plain_in_memory(paths: list[str], labels: list[int], *, image_size: int, batch_size: int, epochs: int,
                     threads: int) -> list[float]:
-    from ray_fer.decode import decode_image
+    from ray_fer.label.decode import decode_image
     from ray_fer.images import train_preset
 
     torch.set_num_threads(threads)

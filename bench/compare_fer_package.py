@@ -72,9 +72,9 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from ray_fer.data import AUTO_WHOLE_SIDE, list_image_folder
+    from ray_fer.label.datasets import AUTO_WHOLE_SIDE, list_image_folder
     from PIL import Image
-    from ray_fer.evaluate import evaluate_folder
+    from ray_fer.label.evaluate import evaluate_folder
     from ray_fer.labels import CLASSES
 
     rows = []

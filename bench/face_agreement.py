@@ -52,8 +52,8 @@ def known_faces(val: Path, every: int, detector) -> list[tuple[np.ndarray, tuple
 
 def label_photos(predictor, paths: list[Path]) -> dict[str, list[dict]]:
     """The face stage's rows of each photo, in this process, 8 photos a batch."""
-    from ray_fer.data import decode_photos
-    from ray_fer.face_options import DETECT_SIZE
+    from ray_fer.label.datasets import decode_photos
+    from ray_fer.faces.options import DETECT_SIZE
 
     rows: dict[str, list[dict]] = {}
     for start in range(0, len(paths), 8):
@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA / "fer2013")
     args = parser.parse_args()
 
-    from ray_fer.face_predictor import FacePredictor
-    from ray_fer.faces import FaceDetector
+    from ray_fer.label.face_predictor import FacePredictor
+    from ray_fer.faces.detector import FaceDetector
     from ray_fer.labels import CLASSES
     from ray_fer.model_ref import resolve_model
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ray_fer.faces import FaceDetector
+from ray_fer.faces.detector import FaceDetector
 from ray_fer.labels import CLASSES
-from ray_fer.output import LANDMARKS
+from ray_fer.schema import LANDMARKS
 
 REPO = Path(__file__).resolve().parents[1]
 UP, PAD = 4, 48  # enlargement, and padding in pixels of the enlarged crop

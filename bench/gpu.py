@@ -197,7 +197,7 @@ def bench_train(data: Path, runs: Path, *, mode: str, image_size: int, batch_siz
                 compile_model: bool) -> dict:
     from ray_fer.config import TrainJobConfig, load_config
     from ray_fer.model import load_bundle
-    from ray_fer.train import run_training
+    from ray_fer.train.trainer import run_training
 
     cfg = load_config(TrainJobConfig, None, [
         f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"data.image_size={image_size}",
@@ -217,7 +217,7 @@ def bench_train(data: Path, runs: Path, *, mode: str, image_size: int, batch_siz
 
 def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
     from ray_fer.config import InferConfig, load_config
-    from ray_fer.infer import label_images
+    from ray_fer.label.infer import label_images
 
     rates = []
     with GpuSampler() as gpu:
@@ -255,8 +255,8 @@ def detector_only(folder: Path, device: torch.device, batch: int = 64, seconds: 
     """Photos/s of the detector alone on `device`: `batch` decoded 640-px copies in one pass (as
     the predictor's GPU passes, face_predictor.DETECT_CHUNK), over and over for `seconds`; the
     bound for face labelling."""
-    from ray_fer.decode import decode_photo
-    from ray_fer.faces import FaceDetector
+    from ray_fer.label.decode import decode_photo
+    from ray_fer.faces.detector import FaceDetector
 
     files = sorted(folder.glob("*.jpg"))[:batch]
     copies = [decode_photo(f.read_bytes(), detect_size=640, size=48).detect for f in files]
@@ -273,7 +273,7 @@ def detector_only(folder: Path, device: torch.device, batch: int = 64, seconds: 
 
 def bench_faces(folder: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
     from ray_fer.config import InferConfig, load_config
-    from ray_fer.infer import label_images
+    from ray_fer.label.infer import label_images
 
     rates = []
     with GpuSampler() as gpu:

@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.config import TrainJobConfig, load_config
 
     cfg = load_config(TrainJobConfig, args.config, args.overrides)  # before importing torch and Ray: fast errors
-    from ray_fer.train import run_training
+    from ray_fer.train.trainer import run_training
 
     return run_training(cfg)
 
@@ -53,7 +53,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 def _infer(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.config import InferConfig, load_config, parse_overrides
-    from ray_fer.infer import label_images
+    from ray_fer.label.infer import label_images
 
     flags = {"model": args.model, "input": args.input, "output": args.output,
              "overwrite": args.overwrite, "skip_existing": args.skip_existing, "faces": args.faces}
@@ -71,7 +71,7 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.inputs import write_manifest
+    from ray_fer.label.inputs import write_manifest
 
     return write_manifest(args.input, args.output, overwrite=args.overwrite)
 
@@ -94,7 +94,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.evaluate import evaluate_folder
+    from ray_fer.label.evaluate import evaluate_folder
 
     return evaluate_folder(args.model, args.data, output=args.output, tta=args.tta, precision=args.precision,
                            limit_per_class=args.limit_per_class, faces=args.faces)
@@ -107,7 +107,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.report import report_run
+    from ray_fer.train.runs import report_run
 
     return report_run(args.run)
 
@@ -126,7 +126,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.predict import format_predictions, predict_files
+    from ray_fer.label.predict import format_predictions, predict_files
 
     result = predict_files(args.model, args.images, tta=args.tta, top=args.top, faces=args.faces,
                            annotate=args.annotate)
@@ -145,7 +145,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_fer.export import export_model
+    from ray_fer.label.export import export_model
 
     return export_model(args.model, args.output, half=args.half, check_data=args.check_data)
 

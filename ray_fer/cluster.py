@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import ConfigError, UserError
 
 

@@ -94,7 +94,7 @@ class TrainConfig:
     # change less with framing, at about twice the cost of a step
     consistency: float = 0.0
     # the second view of train.consistency: `augment`, another augmentation of the face; `face`, the
-    # face as the face stage cuts a face found in a photo (ray_fer/face_views.py: detected, aligned
+    # face as the face stage cuts a face found in a photo (ray_fer/faces/views.py: detected, aligned
     # by its landmarks), then augmented: labels that agree between FER2013's framing and the face
     # stage's. The detector runs once per run over the training split (75 faces/s on 2 cores)
     consistency_view: Literal["augment", "face"] = "augment"

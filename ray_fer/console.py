@@ -23,6 +23,8 @@ import time
 import warnings
 from typing import Any, TextIO
 
+from ray_fer import ray_internals
+
 PACKAGE = "ray_fer"
 VERBOSE_ENV = "RAY_FER_VERBOSE"
 # The driver's copy of this C++ line is printed by Ray's core worker straight to stderr, out of
@@ -113,7 +115,7 @@ class _DropReportedErrors(logging.Filter):
     UDF's errors reach Ray Data unwrapped, so it treats them as its own). Its log file keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ray_fer.storage import reported_in_task
+        from ray_fer.store.storage import reported_in_task
 
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         return exc is None or reported_in_task(exc) is None
@@ -136,12 +138,7 @@ def quiet_ray_in_process() -> None:
             handler.setLevel(logging.WARNING)
             if not any(isinstance(f, _DropReportedErrors) for f in handler.filters):
                 handler.addFilter(_DropReportedErrors())
-    try:  # Ray Train V2 logs "Reporting training result N" on a logger named by its file path
-        from ray.train.v2._internal.execution import context
-
-        context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):
-        pass
+    ray_internals.quiet_train_reporting()  # "Reporting training result N"
 
 
 def setup_worker() -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.images import IMAGENET_MEAN, IMAGENET_STD, EvalPreset
 from ray_fer.labels import CLASSES, NUM_CLASSES
 from ray_fer.model_ref import ModelLoadError, not_loadable, packaged_model, read_model_file

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import as_float, best_epoch_of, clean_history, top_confusions
@@ -167,22 +167,6 @@ def write_training_report(run_dir: str, history: Sequence[dict[str, Any]], best_
     log.info("wrote %s and %s", curves, table)
     return {"curves": curves, "metrics_csv": table}
 
-
-
-def report_run(run: str) -> dict[str, Any]:
-    """`ray-fer report RUN`: write curves.png and metrics.csv into the run folder; returns a summary."""
-    from ray_fer.runs import load_run_history
-
-    history, best, source = load_run_history(run)
-    if not history:
-        raise UserError(f"{source!r} holds no per-epoch metrics yet; wait for the first epoch to finish")
-    if best is None:
-        best = best_epoch_of(history)
-    paths = write_training_report(run, history, best)
-    rows = clean_history(history)
-    best_row = next((r for r in rows if r["epoch"] == best), rows[-1])
-    return {"run": run, "epochs": len(rows), "best_epoch": best,
-            "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"), **paths}
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +364,7 @@ def write_annotated(folder: str, rows: Sequence[dict[str, Any]]) -> list[str]:
     repeat); returns the written paths. Files with an error are skipped."""
     from PIL import Image, ImageOps
 
-    from ray_fer.decode import FORMATS
+    from ray_fer.label.decode import FORMATS
 
     by_path: dict[str, list[dict[str, Any]]] = {}
     for r in rows:

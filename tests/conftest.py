@@ -480,7 +480,7 @@ def _fer_pixels(root: Path, split: str, per_class: int) -> tuple[torch.Tensor, t
     import numpy as np
     import torch
 
-    from ray_fer.decode import decode_image
+    from ray_fer.label.decode import decode_image
     from ray_fer.labels import CLASSES
 
     images, labels = [], []
@@ -528,7 +528,7 @@ def trained_bundle(request, fer_root, tmp_path_factory) -> str:
 
     from ray_fer.images import train_preset
     from ray_fer.model import ModelBundle, build_model, save_bundle
-    from ray_fer.train import train_one_epoch
+    from ray_fer.train.loop import train_one_epoch
 
     key = "-".join(f"{k}{v}" for k, v in TRAIN_RECIPE.items())
     cache = getattr(request.config, "cache", None)

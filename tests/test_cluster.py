@@ -145,7 +145,7 @@ def test_train_then_label_as_ray_jobs_on_two_nodes_with_s3(ray_cluster, s3_bucke
     import pyarrow.parquet as pq
     from ray.util.state import list_actors
 
-    from ray_fer import storage
+    from ray_fer.store import storage
 
     bucket = f"s3://{s3_bucket}"
     train = _submit(ray_cluster, " ".join([

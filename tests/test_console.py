@@ -101,7 +101,7 @@ def test_verbose_brings_rays_own_lines_back(trained, fer_root):
                      "--input", str(fer_root / "val" / "disgust"), "--output", str(work / "labels-v"), cwd=work)
     text = "\n".join(lines)
     assert "Started a local Ray instance" in text and "Execution plan of Dataset" in text, text
-    assert "INFO ray_fer.infer: listed 56 images" in text  # ray-fer's lines with level and logger (counted once listed)
+    assert "INFO ray_fer.label.infer: listed 56 images" in text  # ray-fer's lines with level and logger (counted once listed)
     assert _summary(lines)["images"] == 56
 
 

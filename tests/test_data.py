@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_fer import storage
-from ray_fer.data import DataError, decode_batch, decoded_dataset, find_split, image_folder_dataset, list_image_folder
+from ray_fer.store import storage
+from ray_fer.label.datasets import DataError, decode_batch, decoded_dataset, find_split, image_folder_dataset, list_image_folder
 from ray_fer.labels import CLASSES
 
 
@@ -179,10 +179,10 @@ def test_undecodable_training_files_are_one_warning(ray_local, fer_root, tmp_pat
         (tmp_path / "happy" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
     table = list_image_folder(str(tmp_path))
     caplog.clear()  # (listing warned that six classes have no images)
-    with caplog.at_level("WARNING", logger="ray_fer.data"):
+    with caplog.at_level("WARNING", logger="ray_fer.label.datasets"):
         ds = image_folder_dataset(table, decode_size=48)
     assert ds.count() == 6 and ds.columns() == ["image", "label"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "ray_fer.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ray_fer.label.datasets"]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("left out 9 of 15 files that could not be decoded, e.g. ")
     assert warnings[0].count("bad") == 5 and "not an image" in warnings[0]  # five examples, with reasons

@@ -1,4 +1,4 @@
-"""decode.py: odd files each become pixels or a short ImageError; the module imports no torch."""
+"""label/decode.py: odd files each become pixels or a short ImageError; the module imports no torch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ray_fer.decode import ImageError, decode_image
+from ray_fer.label.decode import ImageError, decode_image
 
 
 def encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -209,8 +209,8 @@ def test_fer_jpeg_fast_path_matches_the_general_path(fer_root):
 
 
 def test_decode_stage_imports_no_torch():
-    """Read-and-decode workers import ray_fer.data; without torch they start in a fraction of a second."""
-    code = "import sys, ray_fer.data, ray_fer.decode; print('torch' in sys.modules)"
+    """Read-and-decode workers import ray_fer.label.datasets; without torch they start in a fraction of a second."""
+    code = "import sys, ray_fer.label.datasets, ray_fer.label.decode; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -225,7 +225,7 @@ def test_postscript_named_jpg_never_reaches_the_eps_decoder():
 
 
 def test_every_listed_extension_has_its_decoder():
-    from ray_fer.decode import FORMATS, IMAGE_EXTENSIONS
+    from ray_fer.label.decode import FORMATS, IMAGE_EXTENSIONS
 
     registered = Image.registered_extensions()
     assert {registered[ext] for ext in IMAGE_EXTENSIONS} == set(FORMATS)

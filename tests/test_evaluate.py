@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import _png_size, _run_cli
-from ray_fer import evaluate as ev
-from ray_fer import storage
+from ray_fer.label import evaluate as ev
+from ray_fer.store import storage
 from ray_fer.labels import CLASSES
 
 
@@ -30,8 +30,8 @@ def _read_predictions(uri: str) -> dict[str, dict]:
 
 @pytest.mark.integration
 def test_evaluate_fer_val_subset_end_to_end(ray_local, fer_root, bundle_path, tmp_path, s3_bucket):
-    from ray_fer.data import list_image_folder
-    from ray_fer.decode import decode_image
+    from ray_fer.label.datasets import list_image_folder
+    from ray_fer.label.decode import decode_image
 
     val = str(fer_root / "val")
     plain = ev.evaluate_folder(bundle_path, val, output=str(tmp_path / "none"), precision="fp32", limit_per_class=3)

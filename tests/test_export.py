@@ -10,7 +10,7 @@ import torch
 
 from conftest import _run_cli
 from ray_fer.config import UserError
-from ray_fer.export import export_model
+from ray_fer.label.export import export_model
 from ray_fer.model import load_bundle
 
 

@@ -1,12 +1,12 @@
-"""train.consistency_view=face: each training face as the face stage cuts it (ray_fer/face_views.py)."""
+"""train.consistency_view=face: each training face as the face stage cuts it (ray_fer/faces/views.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ray_fer.face_views import face_stage_views
-from ray_fer.faces import FaceDetector
+from ray_fer.faces.views import face_stage_views
+from ray_fer.faces.detector import FaceDetector
 
 from conftest import _fer_pixels
 

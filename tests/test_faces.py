@@ -1,4 +1,4 @@
-"""Faces: detection (faces.py), alignment, one row per face (face_predictor.py, the output protocol),
+"""Faces: detection (faces/detector.py), alignment, one row per face (label/face_predictor.py, the output protocol),
 on the real photos beside FER2013 and on synthetic photos with FER2013 faces pasted at known
 boxes (bench/synthetic_faces.py). The detector loads once per module (`face_predictor`)."""
 
@@ -19,14 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_fer.data import decode_photos
-from ray_fer.decode import IMAGE_EXTENSIONS, decode_photo
-from ray_fer.face_predictor import FacePredictor
-from ray_fer.face_options import DETECT_SIZE, DetectorError
-from ray_fer.faces import TEMPLATE, align_matrices, crop_faces, load_mtcnn
+from ray_fer.label.datasets import decode_photos
+from ray_fer.label.decode import IMAGE_EXTENSIONS, decode_photo
+from ray_fer.label.face_predictor import FacePredictor
+from ray_fer.faces.options import DETECT_SIZE, DetectorError
+from ray_fer.faces.detector import TEMPLATE, align_matrices, crop_faces, load_mtcnn
 from ray_fer.labels import CLASSES
 from ray_fer.model_ref import DEFAULT_MODEL, packaged_model
-from ray_fer.output import FACE_COLUMNS, SUCCESS_FILE, output_schema
+from ray_fer.schema import FACE_COLUMNS, output_schema
+from ray_fer.store.output import SUCCESS_FILE
 
 from conftest import REPO, _run_cli
 
@@ -229,8 +230,8 @@ def test_the_model_and_the_detector_each_get_their_own_call_size(face_predictor,
     """--faces auto on a batch of 200 face crops and 6 photos: the classifier sees CPU_CHUNK
     rows per call (not the detector's photos per pass), the detector at most DETECT_CHUNK['cpu']
     photos per pass."""
-    from ray_fer.face_predictor import DETECT_CHUNK
-    from ray_fer.plan import CPU_CHUNK
+    from ray_fer.label.face_predictor import DETECT_CHUNK
+    from ray_fer.label.plan import CPU_CHUNK
 
     crops = sorted((fer_root / "val").glob("*/*.jpg"))[:200]
     photos = sorted(photos_root.glob("*.jpg"))[:6]
@@ -330,8 +331,8 @@ def test_unknown_faces_value_names_the_choices(capsys):
 @pytest.mark.integration
 def test_infer_writes_a_row_per_face_and_counts_files(ray_local, photos_root, fer_root, bundle_path, tmp_path):
     from ray_fer.config import InferConfig
-    from ray_fer.infer import label_images
-    from ray_fer.output import OutputError
+    from ray_fer.label.infer import label_images
+    from ray_fer.store.output import OutputError
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -15,9 +15,9 @@ import pytest
 
 import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import InferConfig
-from ray_fer.infer import label_images
+from ray_fer.label.infer import label_images
 from ray_fer.labels import CLASSES
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -170,7 +170,7 @@ def test_a_stopped_run_that_lost_its_output_commits_nothing(fer_root, random_bun
 
         a.send_signal(signal.SIGSTOP)  # frozen, heartbeat and all
         time.sleep(9)  # past the lease timeout
-        with caplog.at_level(logging.WARNING, logger="ray_fer.lease"):  # B: in this process, on the session's Ray
+        with caplog.at_level(logging.WARNING, logger="ray_fer.store.lease"):  # B: in this process, on the session's Ray
             label_images(InferConfig(input=str(small), output=str(out), model=random_bundle, faces="whole",
                                      overwrite=True, batch_size=32))
         assert "taking over the lease" in caplog.text

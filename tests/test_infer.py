@@ -24,17 +24,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.cli import main
 from ray_fer.config import InferConfig, UserError
-from ray_fer.decode import decode_image
-from ray_fer.infer import label_images
+from ray_fer.label.decode import decode_image
+from ray_fer.label.infer import label_images
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import load_bundle
-from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV
-from ray_fer.output import STAGING_PREFIX, SUCCESS_FILE
+from ray_fer.store.lease import LEASE_FILE, LEASE_TIMEOUT_ENV
+from ray_fer.store.output import STAGING_PREFIX, SUCCESS_FILE
 from ray_fer.precision import autocast_dtype
-from ray_fer.predictor import predict_probs
+from ray_fer.label.predictor import predict_probs
 from test_decode import corrupt_jpeg, encode, halves, png_header_only
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_list_once_then_label_and_top_up_from_the_manifest(ray_local, fer_root, 
     """`ray-fer list` writes a manifest folder; labelling reads it; after the store grows, a new
     listing and --skip-existing label only the new files (the anti-join), and one more run adds
     no rows."""
-    from ray_fer.inputs import write_manifest
+    from ray_fer.label.inputs import write_manifest
 
     folder = tmp_path / "images"
     faces = _fer_folder(fer_root, folder, per_class=3)
@@ -412,7 +412,7 @@ def test_a_killed_run_leaves_the_output_whole_and_skip_existing_finishes(
     monkeypatch.setenv(LEASE_TIMEOUT_ENV, "2")
     heartbeat = datetime.fromisoformat(json.loads((out / LEASE_FILE).read_text())["heartbeat"])
     time.sleep(max(0.0, 2.2 - (datetime.now(timezone.utc) - heartbeat).total_seconds()))
-    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         resumed = label_images(InferConfig(model=random_bundle, input=str(folder), output=str(out),
                                            skip_existing=True))
     assert f"taking over the lease on {out} from run {other['run_id']}" in caplog.text

@@ -1,4 +1,4 @@
-"""inputs.py: what to label, checked before any cluster work: folders listed by tasks,
+"""label/inputs.py: what to label, checked before any cluster work: folders listed by tasks,
 manifest files and manifest folders (Parquet and CSV, local and on S3), `ray-fer list`."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.cli import build_parser
-from ray_fer.inputs import MANIFEST_MARKER, InputError, find_inputs, list_inputs, write_manifest
-from ray_fer.storage import StorageError
+from ray_fer.label.inputs import MANIFEST_MARKER, InputError, find_inputs, list_inputs, write_manifest
+from ray_fer.store.storage import StorageError
 
 
 

@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 import pyarrow as pa
 import pytest
 
-from ray_fer import lease as lease_module
-from ray_fer import storage
+from ray_fer.store import lease as lease_module
+from ray_fer.store import storage
 from ray_fer.config import UserError
-from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
-from ray_fer.output import SUCCESS_FILE, OutputRun
+from ray_fer.store.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
+from ray_fer.store.output import SUCCESS_FILE, OutputRun
 
 from conftest import _one_line
 from test_output import _names, _old_output, _read, _stage
@@ -47,7 +47,7 @@ def test_lease_refuses_a_second_run_and_is_taken_over_when_stale(dst, monkeypatc
 
     first.stop_heartbeat()  # the first run dies: its heartbeat stops, its lease stays behind
     time.sleep(_past_timeout(dst))
-    with caplog.at_level(logging.WARNING, logger="ray_fer.lease"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.lease"):
         second = Lease.acquire(dst, "run-b")
     assert "taking over the lease" in caplog.text and "run run-a" in caplog.text
     taken = json.loads(storage.read_bytes(storage.join(dst, LEASE_FILE)))

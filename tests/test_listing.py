@@ -1,4 +1,4 @@
-"""listing.py and pathsets.py: listing by Ray tasks (a local tree, S3 prefixes and key ranges)
+"""label/listing.py and store/pathsets.py: listing by Ray tasks (a local tree, S3 prefixes and key ranges)
 gives every file exactly once; the digests and repeats that replace sets of paths on the driver."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_fer import listing, pathsets
-from ray_fer.decode import IMAGE_EXTENSIONS
-from ray_fer.listing import Shard, listing_dataset, plan_shards
+from ray_fer.label import listing
+
+from ray_fer.store import pathsets
+from ray_fer.label.decode import IMAGE_EXTENSIONS
+from ray_fer.label.listing import Shard, listing_dataset, plan_shards
 
 
 def _listed(shards: list[Shard], with_size: bool = False) -> pa.Table:

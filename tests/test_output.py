@@ -1,4 +1,4 @@
-"""output.py: the output protocol without Ray: refusals, the lease, staging and commit, recovery
+"""store/output.py: the output protocol without Ray: refusals, the lease, staging and commit, recovery
 after a crash, --skip-existing's choice of rows, on a local folder and on the loopback S3 server.
 
 The rows here are written with pyarrow, as Ray Data's write would write them into the staging
@@ -15,10 +15,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.labels import CLASSES
-from ray_fer.lease import LEASE_TIMEOUT_ENV, LeaseError
-from ray_fer.output import FACE_COLUMNS, SUCCESS_FILE, OutputError, OutputRun, output_schema
+from ray_fer.store.lease import LEASE_TIMEOUT_ENV, LeaseError
+from ray_fer.schema import FACE_COLUMNS, output_schema
+from ray_fer.store.output import SUCCESS_FILE, OutputError, OutputRun
 
 from conftest import _one_line
 
@@ -169,7 +170,7 @@ def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
     assert run.lease.pending["run_id"] == run.run_id and SUCCESS_FILE not in _names(dst)
     time.sleep(0.6)
 
-    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
             assert sorted(nxt.done_paths()) == ["/x.jpg", "/y.jpg"]  # the dead run's rows, committed
             nxt.check(pa.array([], pa.string()))
@@ -187,7 +188,7 @@ def test_a_crash_before_the_commit_is_rolled_back(dst, monkeypatch, caplog):
     _die(run)
     time.sleep(0.6)
     assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success  # never committed: nothing changed
-    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as nxt:
             assert not storage.exists(run.staging)
             _stage(nxt, ["/y.jpg"])
@@ -206,7 +207,7 @@ def test_skip_existing_keeps_the_rows_a_dead_run_had_staged(dst, monkeypatch, ca
     _die(run)
     time.sleep(0.6)
     assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
-    with caplog.at_level(logging.WARNING, logger="ray_fer.output"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
             assert sorted(nxt.done_paths()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/x.jpg", "/y.jpg"]
             _stage(nxt, ["/z.jpg"])

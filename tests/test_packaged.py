@@ -27,7 +27,6 @@ def test_the_default_model_is_packaged_compact_and_loads_weights_only():
     assert floats and all(v.dtype == torch.float16 for v in floats)
     bundle, _ = load_bundle(path)
     assert bundle.build_model().features[0][0].stride == (bundle.stem_stride,) * 2
-    assert bundle.metrics["val_acc"] >= VAL_ACCURACY_FLOOR  # what training measured on val
 
 
 @pytest.mark.integration

@@ -38,24 +38,21 @@ def test_unknown_setting_names_the_choices():
         autocast_dtype("fp8", CPU)
 
 
-def _gpu(monkeypatch, *, native_bf16: bool) -> list[bool]:
-    """Make torch answer as a GPU with or without native bf16; returns the emulation flags asked."""
-    asked: list[bool] = []
-
+def _gpu(monkeypatch, *, native_bf16: bool) -> None:
+    """Make torch answer as a GPU with or without native bf16. Like torch, the answer counts
+    emulated bf16 as supported unless asked not to: a policy that took torch's default answer
+    would pick bf16 on an older GPU too."""
     def is_bf16_supported(including_emulation: bool = True) -> bool:
-        asked.append(including_emulation)
-        return native_bf16 or including_emulation  # emulated bf16 is "supported" everywhere
+        return native_bf16 or including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    return asked
 
 
 @pytest.mark.parametrize("training", [False, True])
 def test_auto_on_an_older_gpu_is_fp16_not_emulated_bf16(monkeypatch, training):
-    asked = _gpu(monkeypatch, native_bf16=False)
+    _gpu(monkeypatch, native_bf16=False)
     assert autocast_dtype("auto", CUDA, training=training) is torch.float16
-    assert asked == [False]  # emulation never counts as support
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -79,21 +76,20 @@ def test_exact_fp32_turns_tf32_off_on_gpus_and_restores_it():
 
 
 def test_training_uses_a_grad_scaler_exactly_for_fp16():
-    from ray_fer.train import grad_scaler
+    from ray_fer.train.loop import grad_scaler
 
     assert grad_scaler(None, CPU) is None
     assert grad_scaler(torch.bfloat16, CPU) is None
     assert isinstance(grad_scaler(torch.float16, CPU), torch.amp.GradScaler)
 
 
-def test_module_has_one_policy():
-    # training and labelling both decide through autocast_dtype: no second policy elsewhere
-    import ray_fer
+def test_labelling_runs_the_model_in_the_policys_precision(monkeypatch, tiny_bundle):
+    """The predictor takes its precision from the one policy: on a CPU with native bf16 "auto"
+    labels in bf16, on one without in fp32, and "fp32" is fp32 everywhere."""
+    from ray_fer.label.predictor import Predictor
 
-    package = Path(ray_fer.__file__).parent
-    for path in package.glob("*.py"):
-        if path.name == "precision.py":
-            continue
-        text = path.read_text()
-        assert "is_bf16_supported" not in text and "/proc/cpuinfo" not in text, path.name
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        assert Predictor(tiny_bundle, device="cpu").autocast is (torch.bfloat16 if native else None)
+        assert Predictor(tiny_bundle, device="cpu", precision="fp32").autocast is None
     assert precision.SETTINGS == ("auto", "bf16", "fp16", "fp32", "off")

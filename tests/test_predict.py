@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from ray_fer import predict
+from ray_fer.label import predict
 from ray_fer.labels import CLASSES
 
 
 def test_predict_files(fer_root, bundle_path, small_model, tmp_path):
-    from ray_fer.decode import decode_image
-    from ray_fer.predictor import predict_probs
+    from ray_fer.label.decode import decode_image
+    from ray_fer.label.predictor import predict_probs
 
     files = sorted(str(p) for p in (fer_root / "val" / "fear").glob("*.jpg"))[:3]
     (tmp_path / "notes.jpg").write_text("not an image")

@@ -1,4 +1,4 @@
-"""predictor.py: the model call (predict_probs, precision, TTA, folded batch norms), the Predictor
+"""label/predictor.py: the model call (predict_probs, precision, TTA, folded batch norms), the Predictor
 called in this process, resource plans, and the compiled and bf16 fast paths."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import _fer_pixels
-from ray_fer.decode import decode_image
+from ray_fer.label.decode import decode_image
 from ray_fer.labels import CLASSES, PROB_COLUMNS
 from ray_fer.model import load_bundle
 from ray_fer.precision import cpu_has_native_bf16
-from ray_fer.plan import CPU_CHUNK, PlanError, plan_predictors
-from ray_fer.predictor import Predictor, fold_batchnorm, predict_probs
+from ray_fer.label.plan import CPU_CHUNK, PlanError, plan_predictors
+from ray_fer.label.predictor import Predictor, fold_batchnorm, predict_probs
 
 
 def _predictor(uri: str, **kwargs) -> Predictor:
@@ -40,7 +40,7 @@ def test_predict_probs_shape_dtype_and_sum(tiny_bundle):
 def test_bf16_near_ties_are_recomputed_in_fp32(random_bundle, fer_root, monkeypatch):
     """Rows whose two top classes are closer than NEAR_TIE under bf16 get fp32's probabilities;
     the others keep bf16's. The calibrated random model has many near-ties."""
-    import ray_fer.predictor as predictor
+    import ray_fer.label.predictor as predictor
 
     threshold = predictor.NEAR_TIE
     bundle, _ = load_bundle(random_bundle)
@@ -62,7 +62,7 @@ def test_bf16_near_ties_are_recomputed_in_fp32(random_bundle, fer_root, monkeypa
 def test_a_batch_of_chunks_recomputes_its_near_ties_in_one_call(random_bundle, fer_root, monkeypatch):
     """The model sees `chunk` rows per call; a batch's near-ties, from all its chunks, go through
     the fp32 model together: three bf16 calls and one fp32 call for 280 faces in chunks of 128."""
-    import ray_fer.predictor as predictor
+    import ray_fer.label.predictor as predictor
 
     bundle, _ = load_bundle(random_bundle)
     net, preset = bundle.build_model(), bundle.eval_preset()
@@ -111,7 +111,7 @@ class _Overflow:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_non_finite_outputs_are_recomputed_in_fp32_and_else_written_as_errors(tiny_bundle, precision):
-    from ray_fer.predictor import NON_FINITE
+    from ray_fer.label.predictor import NON_FINITE
 
     predictor = _predictor(tiny_bundle, precision=precision)
     _Overflow(predictor.net)
@@ -146,7 +146,7 @@ def test_predict_probs_flip_averages_the_mirror_image(tiny_bundle):
 
 
 def test_tta_equals_averaging_hand_made_views(small_model):
-    from ray_fer.predictor import predict_probs
+    from ray_fer.label.predictor import predict_probs
 
     net, preset = small_model
     x = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -354,7 +354,7 @@ def test_compile_failure_falls_back_to_the_eager_model(tiny_bundle, monkeypatch,
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level("WARNING", logger="ray_fer.infer"):
+    with caplog.at_level("WARNING", logger="ray_fer.label.infer"):
         predictor = _predictor(tiny_bundle, compile=True, batch_size=4)
     assert predictor.forward is None and "No working C++ compiler" in caplog.text
     eager = _predictor(tiny_bundle)(_batch(3, []))

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from conftest import Y_TRUE, Y_PRED, _metrics_with_identity, _png_size, _run_cli
-from ray_fer import metrics, report, storage
+from ray_fer import metrics, report
+from ray_fer.store import storage
 from ray_fer.labels import CLASSES
+from ray_fer.train.runs import report_run
 
 
 def test_evaluation_outputs_agree(tmp_path):
@@ -53,7 +55,7 @@ def test_training_report_local_and_s3(tmp_path, s3_bucket):
 
 
 def test_report_run_from_bundle_and_from_checkpoint(tmp_path, bundle_path):
-    summary = report.report_run(str(Path(bundle_path).parent))
+    summary = report_run(str(Path(bundle_path).parent))
     assert summary["best_epoch"] == 2 and summary["epochs"] == 2
     # a run still going: no model.pt yet, the latest checkpoint's state holds the history
     run = tmp_path / "fer"
@@ -61,7 +63,7 @@ def test_report_run_from_bundle_and_from_checkpoint(tmp_path, bundle_path):
         (run / name).mkdir(parents=True)
         hist = [{"epoch": e, "val_loss": [1.8, 1.6, 1.7][e - 1], "val_acc": 0.3} for e in range(1, epochs + 1)]
         torch.save({"history": hist, "epoch": epochs}, run / name / "state.pt")
-    summary = report.report_run(str(run))
+    summary = report_run(str(run))
     assert summary["epochs"] == 3 and summary["best_epoch"] == 2
     assert (run / "curves.png").is_file() and (run / "metrics.csv").is_file()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_fer.config import ConfigError, TrainJobConfig, UserError, load_config, to_yaml
-from ray_fer.runs import (CONFIG_FILE, best_state_and_history, bundle_from_state, config_changes, plan_resume,
+from ray_fer.train.runs import (CONFIG_FILE, best_state_and_history, bundle_from_state, config_changes, plan_resume,
                           read_starts, record_start, run_dir, write_state)
 
 

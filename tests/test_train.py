@@ -24,13 +24,12 @@ from ray_fer import cluster
 from ray_fer.config import ConfigError, TrainJobConfig, load_config
 from ray_fer.images import EvalPreset, TrainPreset
 from ray_fer.model import load_bundle
-from ray_fer.runs import STATE_FILE, read_starts
-from ray_fer.train import (consistency_loss, lr_factor, run_training, scaled_lr, steps_per_epoch,
-                            train_one_epoch)
+from ray_fer.train.runs import STATE_FILE, read_starts
+from ray_fer.train.loop import consistency_loss, lr_factor, scaled_lr, steps_per_epoch, train_one_epoch
+from ray_fer.train.trainer import run_training
 
 from conftest import _fer_pixels
 
-pytestmark = pytest.mark.integration
 
 
 def _cfg(fer_root, storage, name, *extra):
@@ -57,6 +56,7 @@ def first_run(fer_root, ray_local, tmp_path_factory):
     return cfg, run_training(cfg)
 
 
+@pytest.mark.integration
 def test_loss_falls_and_the_best_checkpoints_are_kept(first_run):
     cfg, summary = first_run
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
@@ -91,6 +91,7 @@ def test_loss_falls_and_the_best_checkpoints_are_kept(first_run):
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
 
 
+@pytest.mark.integration
 def test_rerunning_the_name_resumes_and_extends(first_run, caplog):
     cfg, summary = first_run
     first_history = load_bundle(summary["model"])[0].history
@@ -104,6 +105,7 @@ def test_rerunning_the_name_resumes_and_extends(first_run, caplog):
     assert summary2["epochs"] == 6
 
 
+@pytest.mark.integration
 def test_a_changed_setting_is_refused_before_any_ray_work(first_run, monkeypatch):
     cfg, _ = first_run
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
@@ -117,6 +119,7 @@ def test_a_changed_setting_is_refused_before_any_ray_work(first_run, monkeypatch
     assert (run_dir / "config.yaml").read_text() == config_before and len(read_starts(str(run_dir))) == 2
 
 
+@pytest.mark.integration
 def test_a_forced_resume_trains_on_with_the_new_settings(first_run):
     """The new settings include the face stage's crops as second views (train.consistency_view=face):
     computed before the workers start, and trained on by both of them."""
@@ -136,6 +139,7 @@ def test_a_forced_resume_trains_on_with_the_new_settings(first_run):
     assert bundle.config == torch.load(best_dir / STATE_FILE, weights_only=True)["config"]
 
 
+@pytest.mark.integration
 def test_a_finished_run_is_exported_again_with_the_same_model_id(first_run, caplog, monkeypatch):
     """The forced start's settings are now the run's own (no run.resume=force needed), and a safe
     change (run.max_failures) with no epoch left to train re-exports without starting Ray."""
@@ -154,6 +158,7 @@ def test_a_finished_run_is_exported_again_with_the_same_model_id(first_run, capl
     assert after[0].history == before[0].history and after[0].metrics == before[0].metrics
 
 
+@pytest.mark.integration
 def test_a_killed_worker_is_restarted_and_the_run_completes(fer_root, ray_local, tmp_path):
     """A real SIGKILL of rank 0 during epoch 2, through the CLI; FailureConfig restarts the group."""
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -204,6 +209,7 @@ def test_bad_input_fails_before_any_ray_work(tmp_path):
     assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_workers_a_local_instance_cannot_place_fail_at_once(fer_root, tmp_path):
     """Ray Train would retry placing 4 one-CPU workers on this 2-CPU machine every minute, for ever."""
     import time
@@ -233,13 +239,14 @@ def test_zero_step_epochs_fail_before_any_ray_work(fer_root, tmp_path, monkeypat
     assert not (tmp_path / "tiny").exists()
 
 
+@pytest.mark.integration
 def test_a_live_run_name_is_refused_at_once_and_a_dead_ones_lease_taken_over(fer_root, tmp_path, monkeypatch, caplog):
     """One writer per run folder: a second start of a live run is refused in one line naming the
     holder, before any Ray work; once the holder is dead, its lease is taken over."""
     import time
 
-    from ray_fer.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
-    from ray_fer.runs import run_dir
+    from ray_fer.store.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
+    from ray_fer.train.runs import run_dir
 
     monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.6")
     monkeypatch.setattr(cluster, "connect", lambda: pytest.fail("Ray was reached"))
@@ -253,7 +260,7 @@ def test_a_live_run_name_is_refused_at_once_and_a_dead_ones_lease_taken_over(fer
                         r".+\), last heartbeat \d+ s ago; wait for it to end or pick another run.name .+", str(e.value))
     holder.stop_heartbeat()  # the holder dies
     time.sleep(0.9)
-    with caplog.at_level(logging.WARNING, logger="ray_fer.lease"):
+    with caplog.at_level(logging.WARNING, logger="ray_fer.store.lease"):
         with pytest.raises(ConfigError, match="would have no step"):  # past the lease: the run's own checks
             run_training(cfg)
     assert "taking over the lease" in caplog.text and "run run-live" in caplog.text
@@ -311,7 +318,7 @@ def test_logit_adjusted_loss_learns_the_classes_as_if_balanced():
     """On faces that say nothing of their class (all gray), plain cross-entropy learns the prior:
     its logits favour the frequent class. The logit-adjusted loss (tau 1) leaves the model's own
     logits near equal: the prior lives in the loss, not in the model."""
-    from ray_fer.train import logit_adjustment
+    from ray_fer.train.loop import logit_adjustment
 
     counts = [60, 5, 5, 20, 10, 0, 0]
     assert logit_adjustment(counts, 1.0).exp().sum().item() == pytest.approx(1.0, abs=0.02)  # an empty class as 1 row
@@ -380,14 +387,15 @@ def test_consistency_makes_the_two_views_agree(fer_root):
     assert 0 < ce < 10 and abs(ce - plain_ce) < 0.15, (ce, plain_ce)
 
 
+@pytest.mark.integration
 def test_photos_in_the_training_set_become_their_faces_crops(fer_root, wild_root, ray_local, tmp_path):
     """data.faces=auto: FER2013's 48-px crops stay whole; the wild-faces photos (350 px) become
     their largest face's aligned crop, as the face stage cuts faces when labelling; the extra
     folder is decoded once and seen data.extra_repeat times."""
     import numpy as np
 
-    from ray_fer.data import decode_image
-    from ray_fer.train import check_inputs, training_dataset
+    from ray_fer.label.datasets import decode_image
+    from ray_fer.train.trainer import check_inputs, training_dataset
 
     cfg = _cfg(fer_root, tmp_path, "photos", "data.limit_per_class=4", f"data.extra_train=[{wild_root / 'train'}]",
                "data.extra_repeat=3", "data.faces=auto")

@@ -17,7 +17,7 @@ Nothing on the driver grows with the store: the paths stream from task to task, 
 `pathsets.Tally` actor sums the digests of the blocks listed and of those decoded. With
 --faces whole every listed file becomes exactly one row; with detect (and auto, for photos) one
 row per face, and one row for a file without a face. A file that cannot be read or decoded gets
-one row with `error` set and the job goes on. The output protocol is described in output.py.
+one row with `error` set and the job goes on. The output protocol is described in store/output.py.
 """
 
 from __future__ import annotations
@@ -29,17 +29,20 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
-from ray_fer import __version__, cluster, console, storage
+from ray_fer import __version__, cluster, console
+
+from ray_fer.store import storage
 from ray_fer.config import InferConfig
-from ray_fer.data import PHOTO_DECODE_BATCH
-from ray_fer.face_options import check_detector
-from ray_fer.inputs import blocks_of, find_inputs, input_dataset, no_images
-from ray_fer.listing import LIST_CPUS
+from ray_fer.label.datasets import PHOTO_DECODE_BATCH
+from ray_fer.faces.options import check_detector
+from ray_fer.label.inputs import blocks_of, find_inputs, input_dataset, no_images
+from ray_fer.label.listing import LIST_CPUS
 from ray_fer.model_ref import ModelFile, ModelRef
-from ray_fer.output import ROWS_PER_FILE, OutputRun, output_schema, to_output
-from ray_fer.pathsets import Tally, tally_block
-from ray_fer.pipeline import open_model, prediction_dataset
-from ray_fer.resume import drop_done
+from ray_fer.schema import output_schema, to_output
+from ray_fer.store.output import ROWS_PER_FILE, OutputRun
+from ray_fer.store.pathsets import Tally, tally_block
+from ray_fer.label.pipeline import open_model, prediction_dataset
+from ray_fer.store.resume import drop_done
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
 
     Checks the model, the input and the output before any labelling; holds the output's lease
     while it runs, and replaces or extends the output only once every new row is written and
-    checked (the protocol is in output.py). Returns the summary that
+    checked (the protocol is in store/output.py). Returns the summary that
     `_SUCCESS` also holds: images, labelled and errors (the whole output; with faces also faces
     and no_face: files read fine without a face, not counted as labelled), processed and skipped
     (this run), output, model, seconds and images_per_s (this run's images over its wall time).

@@ -13,7 +13,7 @@ An output (a folder or s3:// prefix) holds:
 Readers see the committed rows only: pyarrow and pandas skip names starting with "_", and
 DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
 
- 1. takes the lease (lease.py), before Ray starts or the model is read: creates `_LEASE` where
+ 1. takes the lease (store/lease.py), before Ray starts or the model is read: creates `_LEASE` where
     there is none; refuses while another run renewed it within `lease_timeout()` (on the store's
     clock); takes over an older one with a warning. A thread renews it every timeout/4 (at most
     15 s), each write conditional on the lease being this run's.
@@ -23,18 +23,18 @@ DuckDB's 'DST/*.parquet' reads the top level. A run (`OutputRun`), in order:
     lost) and this run's commit moves them in.
  3. plans: a non-empty output is refused without --overwrite or --skip-existing; --overwrite
     will replace every top-level file; --skip-existing keeps the rows there except read errors
-    and repeated paths, whose files are rewritten into `kept/` (resume.py: Ray tasks, sorted
+    and repeated paths, whose files are rewritten into `kept/` (store/resume.py: Ray tasks, sorted
     128-bit keys, nothing held on the driver).
  4. labels into `_staging-<run id>/new/`. The top level is untouched, so the previous output and
     its `_SUCCESS` stay readable throughout.
  5. checks: the staged rows hold each path to label exactly once (with faces: exactly one first
     row, `face` 0 or null, per path), and nothing else: the order-free digest of their first
-    rows' paths (pathsets.py), summed by one Ray task per file, equals the digest of the paths
+    rows' paths (store/pathsets.py), summed by one Ray task per file, equals the digest of the paths
     the pipeline was given. Counts come from the files' footers where they suffice.
  6. writes the journal (the files to delete, the files to move, the new `_SUCCESS`) into
     `_LEASE`, in one write conditional on the lease being this run's: the commit point. A run
     that lost its lease cannot make it, and commits nothing.
- 7. applies it (journal.py), each step inside the lease's fence: deletes `_SUCCESS` (only if it
+ 7. applies it (store/journal.py), each step inside the lease's fence: deletes `_SUCCESS` (only if it
     is still the one replaced), then the replaced files, moves the staged ones to the top level
     (on S3 a copy and a delete), creates the new `_SUCCESS` (only where there is none), deletes
     the staging folder, and takes the journal out of the lease.
@@ -53,12 +53,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_fer import cluster, journal, pathsets, storage
+from ray_fer import cluster
+
+from ray_fer.store import journal, pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.journal import STAGING_PREFIX, SUCCESS_FILE
-from ray_fer.lease import LEASE_FILE, Lease, LeaseError, new_run_id
-from ray_fer.pathsets import Digest
-from ray_fer.resume import ResumeError, plan_resume
+from ray_fer.schema import files_in
+from ray_fer.store.journal import STAGING_PREFIX, SUCCESS_FILE
+from ray_fer.store.lease import LEASE_FILE, Lease, LeaseError, new_run_id
+from ray_fer.store.pathsets import Digest
+from ray_fer.store.resume import ResumeError, plan_resume
 
 log = logging.getLogger(__name__)
 
@@ -67,48 +70,6 @@ ROWS_PER_FILE = 100_000  # target rows per Parquet file: few files, each small e
 
 class OutputError(UserError):
     """An output that cannot be written as asked; the message names the path and the fix."""
-
-
-# The detector's five points (faces.py), left and right as seen in the image, not the person's.
-LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-# What a face adds to a row (--faces detect / auto): its index in the photo, its box and score,
-# and the five landmarks, in pixels of the upright source image.
-FACE_COLUMNS = ("face", "box_x", "box_y", "box_w", "box_h", "face_score",
-                *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy"))
-
-
-def output_schema(classes: tuple[str, ...], *, faces: bool = False) -> pa.Schema:
-    """The Parquet schema of a labelled output, identical in every file; with `faces`, one row per
-    face, with FACE_COLUMNS after `path`."""
-    face_fields = [("face", pa.int32())] + [(name, pa.float32()) for name in FACE_COLUMNS[1:]] if faces else []
-    return pa.schema(
-        [("path", pa.string())] + face_fields + [("label", pa.string()), ("confidence", pa.float32())]
-        + [(f"prob_{name}", pa.float32()) for name in classes]
-        + [("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("model", pa.string())]
-    )
-
-
-def files_in(table: pa.Table) -> int:
-    """How many files the rows describe: one row each, or with faces one row whose `face` is 0 or null."""
-    if "face" not in table.column_names:
-        return table.num_rows
-    return int(pc.sum(pc.fill_null(pc.equal(table["face"], 0), True)).as_py() or 0)
-
-
-def to_output(table: pa.Table, *, schema: pa.Schema, counter: Any = None) -> pa.Table:
-    """Predictor output -> the output schema: columns in order, no size for undecoded files.
-
-    `counter` (a `console.RayCounter` actor) is told the files done, for the progress display."""
-    if counter is not None:
-        counter.add.remote(files_in(table))
-    failed = pc.is_valid(table["error"])
-    columns = []
-    for field in schema:
-        col = table[field.name]
-        if field.name in ("width", "height"):
-            col = pc.if_else(failed, pa.scalar(None, col.type), col)
-        columns.append(col.cast(field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ def _agreement(original, exported, data: str) -> dict[str, Any]:
     """Labels and accuracy of two bundles on every decodable image of a labelled folder (float32)."""
     import torch
 
-    from ray_fer.decode import ImageError, decode_image
-    from ray_fer.evaluate import _list_labelled
-    from ray_fer.predictor import predict_probs
+    from ray_fer.label.decode import ImageError, decode_image
+    from ray_fer.label.evaluate import _list_labelled
+    from ray_fer.label.predictor import predict_probs
 
     table = _list_labelled(data, None)
     pixels, truth = [], []

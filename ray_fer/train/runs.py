@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import ConfigError, TrainJobConfig, UserError, to_yaml
+from ray_fer.metrics import best_epoch_of, clean_history
 from ray_fer.model_ref import BUNDLE_FILE  # the exported best model, in the run folder
 
 if TYPE_CHECKING:
@@ -291,3 +292,19 @@ def read_starts(run: str) -> list[dict[str, Any]]:
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def report_run(run: str) -> dict[str, Any]:
+    """`ray-fer report RUN`: write curves.png and metrics.csv into the run folder; returns a summary."""
+    history, best, source = load_run_history(run)
+    if not history:
+        raise UserError(f"{source!r} holds no per-epoch metrics yet; wait for the first epoch to finish")
+    if best is None:
+        best = best_epoch_of(history)
+    from ray_fer.report import write_training_report
+
+    paths = write_training_report(run, history, best)
+    rows = clean_history(history)
+    best_row = next((r for r in rows if r["epoch"] == best), rows[-1])
+    return {"run": run, "epochs": len(rows), "best_epoch": best,
+            "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"), **paths}

@@ -46,7 +46,7 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
 
 @dataclass
 class Photo:
-    """A photo decoded once for face detection (`faces.py`), or a face crop (`face` set)."""
+    """A photo decoded once for face detection (`faces/detector.py`), or a face crop (`face` set)."""
 
     width: int  # the source image's size, upright (after EXIF rotation)
     height: int

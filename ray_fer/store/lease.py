@@ -3,7 +3,7 @@ heartbeat, its takeover, and the fence that every commit step passes.
 
 `_LEASE` is JSON: the run that holds the folder (run id, host, pid, start time), a generation
 that grows by one at every takeover, the holder's last heartbeat (for people: ages are not
-computed from it), and while a commit is being applied, its journal (`commit`, journal.py).
+computed from it), and while a commit is being applied, its journal (`commit`, store/journal.py).
 
 - **Taking it.** A run creates `_LEASE` where there is none (S3: `If-None-Match: *`; locally
   under the folder's flock). Where one exists, its age is measured on the store's clock (S3: the
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
 
 log = logging.getLogger(__name__)

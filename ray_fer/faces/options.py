@@ -1,6 +1,6 @@
 """The --faces choices and the face detector's installation check, without torch: the driver of a
 labelling job checks them before any cluster work, and imports no torch (model_ref.py says why).
-The detector itself is faces.py."""
+The detector itself is faces/detector.py."""
 
 from __future__ import annotations
 

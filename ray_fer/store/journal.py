@@ -1,5 +1,5 @@
 """The commit of a labelled output: the journal, applying it, and finishing or clearing what dead
-runs left (the protocol is described in output.py).
+runs left (the protocol is described in store/output.py).
 
 A run's journal names the top-level files to delete, the staged files to move up, the staging
 folders of dead runs whose files it adopted, and the new `_SUCCESS`. It is written into the
@@ -15,9 +15,9 @@ import json
 import logging
 from typing import Any
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
-from ray_fer.lease import Lease
+from ray_fer.store.lease import Lease
 
 log = logging.getLogger(__name__)
 

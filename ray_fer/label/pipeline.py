@@ -17,10 +17,10 @@ import pyarrow as pa
 
 from ray_fer import cluster
 from ray_fer.config import UserError
-from ray_fer.data import DECODE_BATCH, decoded_dataset
-from ray_fer.face_options import DETECT_SIZE, check_faces
+from ray_fer.label.datasets import DECODE_BATCH, decoded_dataset
+from ray_fer.faces.options import DETECT_SIZE, check_faces
 from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef
-from ray_fer.plan import plan_predictors
+from ray_fer.label.plan import plan_predictors
 
 if TYPE_CHECKING:
     import ray
@@ -122,7 +122,7 @@ class PredictorActor:
     would import torch into the driver.) Ray names the actor's process after this class:
     "ray::MapWorker(MapBatches(PredictorActor))"."""
 
-    predictor = "ray_fer.predictor:Predictor"
+    predictor = "ray_fer.label.predictor:Predictor"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         module, name = self.predictor.split(":")
@@ -135,4 +135,4 @@ class PredictorActor:
 class FacePredictorActor(PredictorActor):
     """`face_predictor.FacePredictor` in an actor, as PredictorActor."""
 
-    predictor = "ray_fer.face_predictor:FacePredictor"
+    predictor = "ray_fer.label.face_predictor:FacePredictor"

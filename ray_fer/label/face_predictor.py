@@ -1,6 +1,6 @@
 """The predictor for photos: find, align and label every face, one row per face.
 
-`FacePredictor` is `predictor.Predictor` with the face detector (faces.py) loaded beside the
+`FacePredictor` is `predictor.Predictor` with the face detector (faces/detector.py) loaded beside the
 model, once per actor, on the same device. A batch of decoded photos (`data.decode_photos`) ->
 MTCNN in chunks of photos, each searched as if alone (`faces.FaceDetector.detect`) -> aligned
 48x48 crops cut from each photo's gray copy on the device -> the model, all faces of the batch in
@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_fer.data import PHOTO_COLUMNS
-from ray_fer.faces import Detections, FaceDetector, align_matrices, crop_faces
-from ray_fer.output import FACE_COLUMNS
-from ray_fer.predictor import PREDICTION_COLUMNS, Predictor, arrow_column, no_error, with_non_finite
+from ray_fer.label.datasets import PHOTO_COLUMNS
+from ray_fer.faces.detector import Detections, FaceDetector, align_matrices, crop_faces
+from ray_fer.schema import FACE_COLUMNS, PREDICTION_COLUMNS
+from ray_fer.label.predictor import Predictor, arrow_column, no_error, with_non_finite
 
 # photos per detector pass: bounds the P-Net's activations. On one CPU thread, 1280x960 photos
 # (bench_faces.py): 4 a pass ran at 12.2 photos/s, 16 at 9, 1 at 11.4.

@@ -3,7 +3,7 @@
 An image folder is `<root>/<class>/**/<image>` with the seven expression names as class folders
 (matched case-insensitively). A labelled folder is listed on the driver and fails fast with a
 clear error (training and evaluation sets: thousands to a few million files); labelling streams
-its inputs from listing tasks instead (inputs.py). Reading and decoding run as Ray Data tasks in
+its inputs from listing tasks instead (label/inputs.py). Reading and decoding run as Ray Data tasks in
 batches (much faster than `read_images` on small files).
 """
 
@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
-from ray_fer.decode import IMAGE_EXTENSIONS, ImageError, decode_image, decode_photo
+from ray_fer.label.decode import IMAGE_EXTENSIONS, ImageError, decode_image, decode_photo
 from ray_fer.labels import CLASSES, class_index
+from ray_fer.schema import READ_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
-READ_ERROR_PREFIX = "cannot read file: "  # the `error` of a file that could not be read (not a content error)
 DECODE_BATCH = 2048  # most rows per read-and-decode task: ~0.15 s of FER work, so task overhead is small
 MIN_DECODE_BATCH = 256  # fewest rows a task gets when the input is split to use every CPU
 MIN_PHOTO_DECODE_BATCH = 16  # fewest files per task when faces are detected: photos take ~20 ms each
@@ -207,7 +207,7 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
     else:
         ds = source
     if tally is not None:  # same resources as the decode stage: Ray Data runs both in one task
-        from ray_fer.pathsets import tally_block
+        from ray_fer.store.pathsets import tally_block
 
         ds = ds.map_batches(tally_block, fn_kwargs={"tally": tally, "name": "todo"}, batch_size=None,
                             batch_format="pyarrow", num_cpus=num_cpus)
@@ -222,7 +222,7 @@ EXAMPLES = 5  # undecodable files named in the warning; the rest are counted
 
 
 def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int | None = None,
-                         faces: str = "whole", cpus: int = 1, columns: tuple[str, ...] = ("image", "label")):
+                         photos_to_faces: Any = None, columns: tuple[str, ...] = ("image", "label")):
     """A materialised Ray Dataset of decoded (image, label) rows; undecodable files are left out
     and summed up in one warning (their count and the first few with their reasons).
 
@@ -230,19 +230,16 @@ def image_folder_dataset(table: pa.Table, *, decode_size: int, shuffle_seed: int
     from the object store instead of decoding again. With `shuffle_seed` the rows are put in a
     seeded random order first, so that every block mixes the classes (a listing is sorted by
     class) and random block order plus a local shuffle buffer make well-mixed batches.
-    With `faces` "auto", images bigger than AUTO_WHOLE_SIDE are photos: each becomes its largest
-    face's aligned crop (`face_views.faces_of_photos`, a pool of up to `cpus` detector actors;
-    `photo` and `face_found` say which rows were photos and had a face). `columns` are kept.
+    With `photos_to_faces` (training's data.faces=auto: `faces.views.faces_of_photos`), images
+    bigger than AUTO_WHOLE_SIDE are decoded as photos and it turns each into its largest face's
+    aligned crop (adding `photo` and `face_found`); smaller ones stay whole. `columns` are kept.
     """
     from ray.data.expressions import col
 
     if shuffle_seed is not None:
         table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
-    if faces == "auto":
-        from ray_fer.face_views import faces_of_photos
-
-        photos = decoded_dataset(table, decode_size=decode_size, faces="auto")
-        decoded = faces_of_photos(photos, size=decode_size, cpus=cpus)
+    if photos_to_faces is not None:
+        decoded = photos_to_faces(decoded_dataset(table, decode_size=decode_size, faces="auto"))
     else:
         decoded = decoded_dataset(table, decode_size=decode_size).materialize()
     failed = decoded.filter(expr=col("error").is_not_null()).select_columns(["path", "error"]).materialize()

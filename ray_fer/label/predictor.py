@@ -18,13 +18,13 @@ import pyarrow as pa
 import torch
 
 from ray_fer.images import EvalPreset, tta_views
+from ray_fer.schema import PREDICTION_COLUMNS
 from ray_fer.model import ModelBundle, load_bundle
-from ray_fer.plan import CPU_CHUNK
+from ray_fer.label.plan import CPU_CHUNK
 from ray_fer.precision import autocast_dtype, exact_fp32
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("label", "confidence")  # plus prob_<class>, error and model; see Predictor
 
 FP32_STAGES = 2  # EfficientNet feature stages (stem, first MBConv) kept fp32 under autocast
 # Under autocast, rows whose two most likely classes are closer than this (in probability) are

@@ -15,16 +15,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_fer import cluster, console, storage
+from ray_fer import cluster, console
+
+from ray_fer.store import storage
 from ray_fer.config import UserError
-from ray_fer.data import DataError, find_split, list_image_folder
-from ray_fer.face_options import check_detector, check_faces
+from ray_fer.label.datasets import DataError, find_split, list_image_folder
+from ray_fer.faces.options import check_detector, check_faces
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import MISSED, classification_metrics, expected_calibration_error
 from ray_fer.model_ref import PACKAGED_MODELS, ModelFile
-from ray_fer.output import FACE_COLUMNS, files_in
-from ray_fer.pipeline import open_model, prediction_dataset
+from ray_fer.schema import FACE_COLUMNS, files_in
+from ray_fer.label.pipeline import open_model, prediction_dataset
 from ray_fer.report import write_evaluation
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ray_fer import storage
+from ray_fer.store import storage
 from ray_fer.config import UserError
-from ray_fer.data import AUTO_WHOLE_SIDE
-from ray_fer.face_options import DETECT_SIZE, check_faces
+from ray_fer.label.datasets import AUTO_WHOLE_SIDE
+from ray_fer.faces.options import DETECT_SIZE, check_faces
 from ray_fer.images import check_tta
 
 
@@ -27,9 +27,9 @@ def predict_files(model: str, images: Sequence[str], *, tta: str = "none", top: 
     """
     import torch
 
-    from ray_fer.decode import ImageError, decode_photo
+    from ray_fer.label.decode import ImageError, decode_photo
     from ray_fer.model import load_bundle
-    from ray_fer.predictor import predict_probs
+    from ray_fer.label.predictor import predict_probs
     from ray_fer.model_ref import resolve_model
 
     check_tta(tta)
@@ -65,7 +65,7 @@ def predict_files(model: str, images: Sequence[str], *, tta: str = "none", top: 
             labelled.append(rows[-1])
             continue
         if detector is None:
-            from ray_fer.faces import FaceDetector
+            from ray_fer.faces.detector import FaceDetector
 
             detector = FaceDetector("cpu")
         found, aligned = _faces(detector, photo, bundle.decode_size)
@@ -96,7 +96,7 @@ def _faces(detector, photo, size: int):
     """The faces of a decoded photo (in its upright pixels) and their aligned crops."""
     import torch
 
-    from ray_fer.faces import align_matrices, crop_faces
+    from ray_fer.faces.detector import align_matrices, crop_faces
 
     found = detector.detect([photo.detect])[0]
     h, w = photo.detect.shape[:2]

@@ -1,7 +1,7 @@
 """--skip-existing at any size: what an output holds already, which rows stay, the anti-join.
 
 `plan_resume` scans the old Parquet files (the top level, and those dead runs had staged) with
-one Ray task each: schema, model, read errors, and every row's 128-bit key (pathsets.py). One
+one Ray task each: schema, model, read errors, and every row's 128-bit key (store/pathsets.py). One
 task then sorts the keys to find repeated rows, another the kept paths' keys into the sorted
 array that the labelling stream is filtered against (`drop_done`: a streaming anti-join, no
 shuffle). Files that lose rows (read errors, repeats) are rewritten, by tasks, into the run's
@@ -24,9 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_fer import cluster, pathsets, storage
+from ray_fer import cluster
+
+from ray_fer.store import pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.data import READ_ERROR_PREFIX
+from ray_fer.schema import READ_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ray_fer.faces import FaceDetector, align_matrices, crop_faces
+from ray_fer.faces.detector import FaceDetector, align_matrices, crop_faces
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_fer import storage
+from ray_fer.store import storage
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_fer.face_options import INSTALL, DetectorError, weights_folder
+from ray_fer.faces.options import INSTALL, DetectorError, weights_folder
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,13 @@
 path and the fix; `input_dataset` is the lazy Ray Dataset of its paths, one `path` column, each
 path once. Nothing here holds the list on the driver:
 
-- a folder or prefix is listed by Ray tasks (listing.py);
+- a folder or prefix is listed by Ray tasks (label/listing.py);
 - a manifest is a .parquet or .csv file with a `path` column, or a folder of them (what
   `ray-fer list` writes, marked by its `_MANIFEST`; or any folder whose top level holds only
   .parquet / .csv files). Ray tasks read it, a file each, streaming its rows. Relative paths are
   taken from the manifest file's folder. A path listed twice is labelled once: except in a
   `ray-fer list` manifest (unique by construction), the paths' 128-bit keys are first sorted in
-  one task to find repeats (pathsets.py).
+  one task to find repeats (store/pathsets.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_fer import cluster, pathsets, storage
+from ray_fer import cluster, ray_internals
+
+from ray_fer.store import pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.decode import IMAGE_EXTENSIONS
-from ray_fer.listing import LIST_CPUS, Shard, listing_dataset, plan_shards, shards_wanted
+from ray_fer.label.decode import IMAGE_EXTENSIONS
+from ray_fer.label.listing import LIST_CPUS, Shard, listing_dataset, plan_shards, shards_wanted
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ MANIFEST_MARKER = "_MANIFEST"  # JSON that `ray-fer list` writes last into a man
 MANIFEST_BLOCK = 10_000  # rows per block a manifest-reading task yields
 PATH_BYTES = 100  # about what one path takes in a block (local paths, s3:// URIs)
 # Blocks a task may yield before the driver takes them, where blocks_of makes them small. Ray Data's
-# default is 2 (DataContext._max_num_blocks_in_streaming_gen_buffer), and with small blocks a
+# default is 2 (a private DataContext setting: ray_internals.py), and with small blocks a
 # decoded photo (~2 MB) is a block of its own: a decode task then waited on the driver after every
 # 2 photos, and the predictors on it. 960 photos on 2 CPUs: 8.5 photos/s, one actor using 76 s of
 # CPU and the other 30 s; 13-14 photos/s with 32 (bench_faces.py). 32 photos of 1280x960 hold
@@ -177,13 +179,13 @@ def blocks_of(rows: int) -> Iterator[None]:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size, context._max_num_blocks_in_streaming_gen_buffer
+    saved = context.target_max_block_size
     context.target_max_block_size = rows * PATH_BYTES
-    context._max_num_blocks_in_streaming_gen_buffer = RUN_AHEAD_BLOCKS
     try:
-        yield
+        with ray_internals.streaming_run_ahead(RUN_AHEAD_BLOCKS):
+            yield
     finally:
-        context.target_max_block_size, context._max_num_blocks_in_streaming_gen_buffer = saved
+        context.target_max_block_size = saved
 
 
 def input_dataset(inputs: Inputs, *, with_size: bool = False):
