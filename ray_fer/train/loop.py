@@ -13,6 +13,7 @@ import random
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
@@ -254,6 +255,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     cfg = from_dict(TrainJobConfig, config["cfg"])
+    # Ray hands the batches over as read-only NumPy arrays; the step reads them, never writes, so
+    # torch's "array is not writable" warning says nothing a user could act on
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
