@@ -105,32 +105,34 @@ def largest_face_crops(batch: dict[str, np.ndarray], detector: FaceDetector, siz
     return images, found
 
 
-class TrainingFaces:
-    """Ray Data callable class: photo rows of a decoded training set -> their largest face's crop
-    (`largest_face_crops`); adds `photo` and `face_found`. The detector loads once per actor."""
+_DETECTOR: list[FaceDetector] = []  # one per worker process, loaded by the first batch with a photo
 
-    def __init__(self, size: int, threads: int = 1) -> None:
-        torch.set_num_threads(threads)
-        self.detector = FaceDetector("cpu")
-        self.size = size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, found = largest_face_crops(batch, self.detector, self.size)
-        photo = np.asarray(batch["detect_width"]) > 0
-        # an all-null `error` column reaches a numpy batch as NaN floats: keep the strings, else None
-        errors = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
-        return {"image": images, "label": np.asarray(batch["label"]), "error": errors,
-                "path": np.asarray(batch["path"]), "photo": photo, "face_found": found}
+def largest_faces_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: photo rows of a decoded training set -> their largest face's crop
+    (`largest_face_crops`); adds `photo` and `face_found`. A task, not an actor: its CPU is free
+    again as soon as it ends, for the next stage and the trainer's workers; the detector loads
+    once per worker process, and only where a batch holds a photo."""
+    photo = np.asarray(batch["detect_width"]) > 0
+    if photo.any():
+        if not _DETECTOR:
+            torch.set_num_threads(1)
+            _DETECTOR.append(FaceDetector("cpu"))
+        images, found = largest_face_crops(batch, _DETECTOR[0], size)
+    else:
+        images, found = np.asarray(batch["image"]), np.zeros(len(photo), dtype=bool)
+    # an all-null `error` column reaches a numpy batch as NaN floats: keep the strings, else None
+    errors = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
+    return {"image": images, "label": np.asarray(batch["label"]), "error": errors,
+            "path": np.asarray(batch["path"]), "photo": photo, "face_found": found}
 
 
 def faces_of_photos(ds, *, size: int, cpus: int):
-    """A decoded dataset (`data.decode_photos` rows) with each photo replaced by its largest face,
-    computed by a pool of up to `cpus` single-threaded detector actors and materialised; logs how
-    many photos there were and in how many a face was found."""
-    import ray
-
-    out = ds.map_batches(TrainingFaces, fn_constructor_kwargs={"size": size}, batch_size=64, batch_format="numpy",
-                         num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))).materialize()
+    """A decoded dataset (`datasets.decode_photos` rows) with each photo replaced by its largest
+    face (`largest_faces_batch` in Ray tasks of one CPU, up to `cpus` at once), materialised; logs
+    how many photos there were and in how many a face was found."""
+    out = ds.map_batches(largest_faces_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy",
+                         num_cpus=1, concurrency=max(1, cpus)).materialize()
     photos, found = int(out.sum("photo") or 0), int(out.sum("face_found") or 0)
     if photos:
         log.info("faces: %s of %s photos had a face found, trained on its aligned crop; the others whole",
