@@ -55,6 +55,7 @@ def test_labelling_outlasts_a_store_that_fails_for_a_while(ray_local, fer_root, 
     assert all(s3_faults.failed.get(f"/{s3_bucket}/{k}", 0) >= 4 for k in troubled)  # the faults happened
 
 
+@pytest.mark.slow  # ~45 s, a private Ray instance; the retries themselves run in the test above
 def test_a_store_that_keeps_failing_stops_the_run_with_one_line(fer_root, s3_bucket, s3_faults, random_bundle):
     keys = _upload_faces(fer_root, s3_bucket, per_class=2)
     s3_faults.fail(s3_bucket, [keys[3]], times=-1, how="503")

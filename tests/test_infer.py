@@ -354,6 +354,7 @@ def _children(pid: int) -> list:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~60 s; the commit's crash safety is covered step by step in test_lease and test_output
 def test_a_killed_run_leaves_the_output_whole_and_skip_existing_finishes(
         ray_local, fer_root, random_bundle, tmp_path, monkeypatch, caplog):
     """`ray-fer infer --overwrite` killed with SIGKILL mid-job: the previous output and its
