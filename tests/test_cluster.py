@@ -140,6 +140,7 @@ def fer_in_s3(s3_bucket, fer_root) -> dict[str, int]:
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # ~90 s: jobs submitted to the loopback cluster; make test-all runs it
 def test_train_then_label_as_ray_jobs_on_two_nodes_with_s3(ray_cluster, s3_bucket, fer_in_s3):
     import boto3
     import pyarrow.parquet as pq

@@ -64,6 +64,7 @@ def test_train_prints_a_header_one_line_per_epoch_and_the_summary(trained):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~40 s, one more Ray instance; test_console's training run checks the quiet console in make test
 def test_infer_prints_one_progress_display_and_worker_logs(trained, fer_root):
     work, _ = trained
     lines = _ray_fer("infer", "--model", str(work / "runs" / "fer" / "model.pt"),

@@ -70,6 +70,7 @@ def test_a_store_that_keeps_failing_stops_the_run_with_one_line(fer_root, s3_buc
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # ~65 s, a private Ray instance; make test-all runs it
 def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once(fer_root, random_bundle, tmp_path):
     """SIGKILL the predictor actor's process while `ray-fer infer` runs: Ray restarts the actor,
     the batches it held run again, and the output still has exactly one row per image."""

@@ -251,6 +251,7 @@ def test_overwrite_refusal_and_skip_existing_resume(ray_local, fer_root, random_
 
 @pytest.mark.integration
 @pytest.mark.s3
+@pytest.mark.slow  # ~55 s; labelling from S3 runs in make test in test_faults (a store that fails for a while)
 def test_s3_round_trip_with_the_model_on_s3(ray_local, s3_bucket, fer_root, random_bundle, tmp_path):
     import boto3
 
@@ -295,6 +296,7 @@ def test_s3_round_trip_with_the_model_on_s3(ray_local, s3_bucket, fer_root, rand
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~35 s; relabelling read errors is also tested on the output protocol alone (test_output)
 def test_skip_existing_labels_read_errors_again(ray_local, fer_root, random_bundle, tmp_path):
     """A read error says nothing about the image: --skip-existing labels it again, one row per path.
     A content error (an empty file) is the file's answer and stays."""

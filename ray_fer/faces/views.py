@@ -129,10 +129,10 @@ def largest_faces_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str,
 
 def faces_of_photos(ds, *, size: int, cpus: int):
     """A decoded dataset (`datasets.decode_photos` rows) with each photo replaced by its largest
-    face (`largest_faces_batch` in Ray tasks of one CPU, up to `cpus` at once), materialised; logs
+    face (`largest_faces_batch` in Ray tasks of one CPU each), materialised; logs
     how many photos there were and in how many a face was found."""
     out = ds.map_batches(largest_faces_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy",
-                         num_cpus=1, concurrency=max(1, cpus)).materialize()
+                         num_cpus=1).materialize()
     photos, found = int(out.sum("photo") or 0), int(out.sum("face_found") or 0)
     if photos:
         log.info("faces: %s of %s photos had a face found, trained on its aligned crop; the others whole",
