@@ -232,6 +232,20 @@ def dst(request, tmp_path) -> str:
     return f"s3://{request.getfixturevalue('s3_bucket')}/out/labels"
 
 
+def _lease_timeout(dst: str) -> float:
+    """Lease timeouts for tests: S3 dates (LastModified, Date) have a resolution of one second."""
+    from ray_fer.store import storage
+
+    return 2.0 if storage.is_remote(dst) else 0.6
+
+
+def _past_lease_timeout(dst: str) -> float:
+    """How long to wait for a lease no longer renewed to count as dead."""
+    from ray_fer.store import storage
+
+    return _lease_timeout(dst) + (1.1 if storage.is_remote(dst) else 0.3)
+
+
 def _one_line(e: pytest.ExceptionInfo) -> str:
     """The text of a raised error, which must be one line."""
     text = str(e.value)

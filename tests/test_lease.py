@@ -18,18 +18,11 @@ from ray_fer.config import UserError
 from ray_fer.store.lease import LEASE_FILE, LEASE_TIMEOUT_ENV, Lease, LeaseError
 from ray_fer.store.output import SUCCESS_FILE, OutputRun
 
-from conftest import _one_line
+from conftest import _lease_timeout, _one_line, _past_lease_timeout
 from test_output import _names, _old_output, _read, _stage
 
 
-def _timeout(dst: str) -> float:
-    """Lease timeouts for tests: S3 dates have a resolution of one second."""
-    return 2.0 if storage.is_remote(dst) else 0.6
-
-
-def _past_timeout(dst: str) -> float:
-    """How long to wait for a lease no longer renewed to count as dead."""
-    return _timeout(dst) + (1.1 if storage.is_remote(dst) else 0.3)
+_timeout, _past_timeout = _lease_timeout, _past_lease_timeout
 
 
 def test_lease_refuses_a_second_run_and_is_taken_over_when_stale(dst, monkeypatch, caplog):

@@ -21,7 +21,7 @@ from ray_fer.store.lease import LEASE_TIMEOUT_ENV, LeaseError
 from ray_fer.schema import FACE_COLUMNS, output_schema
 from ray_fer.store.output import SUCCESS_FILE, OutputError, OutputRun
 
-from conftest import _one_line
+from conftest import _lease_timeout, _one_line, _past_lease_timeout
 
 SCHEMA = output_schema(CLASSES)
 
@@ -158,7 +158,7 @@ def _die(run: OutputRun) -> None:
 
 
 def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
-    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, str(_lease_timeout(dst)))
     _old_output(dst)
     run = OutputRun(dst, overwrite=True, skip_existing=False, model_id="m").__enter__()
     _stage(run, ["/x.jpg", "/y.jpg"])
@@ -168,7 +168,7 @@ def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
     storage.delete_file(storage.join(dst, "old-a.parquet"))
     _die(run)
     assert run.lease.pending["run_id"] == run.run_id and SUCCESS_FILE not in _names(dst)
-    time.sleep(0.6)
+    time.sleep(_past_lease_timeout(dst))  # S3's dates have a resolution of one second
 
     with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
@@ -181,12 +181,12 @@ def test_a_crash_during_the_commit_is_rolled_forward(dst, monkeypatch, caplog):
 
 
 def test_a_crash_before_the_commit_is_rolled_back(dst, monkeypatch, caplog):
-    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, str(_lease_timeout(dst)))
     success = _old_output(dst)
     run = OutputRun(dst, overwrite=True, skip_existing=False, model_id="m").__enter__()
     _stage(run, ["/x.jpg"])
     _die(run)
-    time.sleep(0.6)
+    time.sleep(_past_lease_timeout(dst))  # S3's dates have a resolution of one second
     assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success  # never committed: nothing changed
     with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=True, skip_existing=False, model_id="m") as nxt:
@@ -200,12 +200,12 @@ def test_a_crash_before_the_commit_is_rolled_back(dst, monkeypatch, caplog):
 
 def test_skip_existing_keeps_the_rows_a_dead_run_had_staged(dst, monkeypatch, caplog):
     """A job killed before its commit: the next --skip-existing run labels only what is left."""
-    monkeypatch.setenv(LEASE_TIMEOUT_ENV, "0.5")
+    monkeypatch.setenv(LEASE_TIMEOUT_ENV, str(_lease_timeout(dst)))
     success = _old_output(dst)  # /a.jpg, /b.jpg, /c.jpg
     run = OutputRun(dst, overwrite=False, skip_existing=True, model_id="m").__enter__()
     _stage(run, ["/x.jpg", "/y.jpg", "/a.jpg"])  # /a.jpg twice: the old row wins
     _die(run)
-    time.sleep(0.6)
+    time.sleep(_past_lease_timeout(dst))  # S3's dates have a resolution of one second
     assert storage.read_bytes(storage.join(dst, SUCCESS_FILE)) == success
     with caplog.at_level(logging.WARNING, logger="ray_fer.store.output"):
         with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m") as nxt:
