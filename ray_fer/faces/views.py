@@ -127,7 +127,7 @@ def largest_faces_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str,
             "path": np.asarray(batch["path"]), "photo": photo, "face_found": found}
 
 
-def faces_of_photos(ds, *, size: int, cpus: int):
+def faces_of_photos(ds, *, size: int):
     """A decoded dataset (`datasets.decode_photos` rows) with each photo replaced by its largest
     face (`largest_faces_batch` in Ray tasks of one CPU each), materialised; logs
     how many photos there were and in how many a face was found."""

@@ -64,31 +64,29 @@ def class_counts(train_table: pa.Table, extra_table: pa.Table | None, extra_repe
     return [int(c) for c in counts]
 
 
-def photos_to_faces(cfg: TrainJobConfig, cpus: int):
+def photos_to_faces(cfg: TrainJobConfig):
     """data.faces=auto: the step that turns a decoded split's photos into their largest face's
-    crop (`faces.views.faces_of_photos`, a pool of up to `cpus` detector actors); None: whole."""
+    crop (`faces.views.faces_of_photos`: Ray tasks of one CPU each); None: whole."""
     if cfg.data.faces == "whole":
         return None
-    return partial(faces_of_photos, size=cfg.data.decode_size, cpus=cpus)
+    return partial(faces_of_photos, size=cfg.data.decode_size)
 
 
 def training_dataset(cfg: TrainJobConfig, train_table: pa.Table, extra_table: pa.Table | None, cpus: int,
                      columns: tuple[str, ...] = ("image", "label")):
     """The decoded training rows: the training split plus `data.extra_repeat` copies of the extra
     folders' rows (decoded once), shuffled together, with the consistency views when asked.
-    `columns` as `data.image_folder_dataset`'s."""
-    import ray
-
+    `columns` as `data.image_folder_dataset`'s; `cpus` sizes the consistency views' detector pool."""
     def decoded(table: pa.Table):
         return image_folder_dataset(table, decode_size=cfg.data.decode_size, shuffle_seed=cfg.train.seed,
-                                    photos_to_faces=photos_to_faces(cfg, cpus), columns=columns)
+                                    photos_to_faces=photos_to_faces(cfg), columns=columns)
 
     train_ds = decoded(train_table)
     if extra_table is not None:
         extra = decoded(extra_table)
         train_ds = train_ds.union(*[extra] * cfg.data.extra_repeat).random_shuffle(seed=cfg.train.seed).materialize()
     if cfg.train.consistency_view == "face":
-        train_ds = with_face_views(train_ds, cpus=int(ray.cluster_resources().get("CPU", 1)))
+        train_ds = with_face_views(train_ds, cpus=cpus)
     return train_ds
 
 
@@ -168,7 +166,7 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     train_ds = training_dataset(cfg, train_table, extra_table, cpus)
-    val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size, photos_to_faces=photos_to_faces(cfg, cpus))
+    val_ds = image_folder_dataset(val_table, decode_size=cfg.data.decode_size, photos_to_faces=photos_to_faces(cfg))
     steps = steps_per_epoch(train_ds.count(), val_ds.count(), cfg)  # again: undecodable files are left out
     seed_config = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     datasets = {"train": train_ds.randomize_block_order(seed=seed_config), "val": val_ds}
