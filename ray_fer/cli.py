@@ -177,6 +177,25 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
                       **compare_metrics(a, b)} for a, b in pairs]}
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit a model's confidence (temperature) from its evaluations, optionally "
+                       "shift its labels along the training prior; writes a new bundle")
+    p.add_argument("--model", required=True, help="model.pt written by `ray-fer train`, its run folder, or fer2013")
+    p.add_argument("evaluations", nargs="+", metavar="EVAL", help="folders that `ray-fer evaluate` wrote for this "
+                   "model (e.g. FER2013 val, and real photos with --faces detect)")
+    p.add_argument("--output", required=True, help="path or s3:// URI of the calibrated bundle to write")
+    p.add_argument("--shift", type=float, default=0.0, help="logits += SHIFT x log(training prior) before the "
+                   "temperature: < 0 towards balanced classes, > 0 towards the training set's frequent ones "
+                   "(default 0: the temperature only; the printed table shows each shift's figures)")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.label.calibrate import calibrate_model
+
+    return calibrate_model(args.model, args.evaluations, args.output, shift=args.shift)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem, a close match for a mistyped option, where help is."""
 
@@ -212,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_help = "show Ray's own logs (execution plans, progress bars, Train's messages) and debug logging"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_infer, _add_list, _add_evaluate, _add_report, _add_predict, _add_compare, _add_export):
+    for add in (_add_train, _add_infer, _add_list, _add_evaluate, _add_report, _add_predict, _add_compare, _add_export,
+                _add_calibrate):
         add(sub)
     for child in sub.choices.values():  # `ray-fer train -v` as well as `ray-fer -v train`
         child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)

@@ -141,6 +141,8 @@ class ModelBundle:
     config: dict[str, Any] = field(default_factory=dict)  # the resolved training config
     metrics: dict[str, Any] = field(default_factory=dict)  # the best epoch's metrics
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics of the run
+    class_counts: list[int] | None = None  # training rows per class: the prior `ray-fer calibrate` shifts along
+    calibration: dict[str, Any] = field(default_factory=dict)  # what `ray-fer calibrate` folded into the head
 
     def build_model(self) -> nn.Module:
         """The model in eval mode on the CPU, weights loaded."""
@@ -175,6 +177,8 @@ class ModelBundle:
             "config": self.config,
             "metrics": self.metrics,
             "history": self.history,
+            "class_counts": self.class_counts,
+            "calibration": self.calibration,
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -200,6 +204,8 @@ class ModelBundle:
             config=obj.get("config", {}),
             metrics=obj.get("metrics", {}),
             history=obj.get("history", []),
+            class_counts=obj.get("class_counts"),
+            calibration=obj.get("calibration", {}),
         )
 
 

@@ -373,6 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "history": history,
                     "metrics": metrics,
                     "config": asdict(cfg),
+                    "class_counts": config.get("class_counts"),  # the training prior, for `ray-fer calibrate`
                     **({} if ema is None else {"ema": ema.module.state_dict(),
                                                "ema_updates": int(ema.n_averaged.item())}),
                 })

@@ -130,7 +130,7 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
                        decode_size=int(data["decode_size"]),
                        stem_stride=int(state["config"].get("model", {}).get("stem_stride", 2)),
                        config=state["config"], metrics=state["metrics"],
-                       history=history)
+                       history=history, class_counts=state.get("class_counts"))
 
 
 # --------------------------------------------------------------------------------------------
