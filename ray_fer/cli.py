@@ -45,6 +45,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-existing", action="store_true", default=None,
                    help="label only the images not yet in the output (finishes a crashed job)")
     p.add_argument("--faces", help=FACES_HELP)
+    p.add_argument("--fps", type=float, help="videos (.mp4 .m4v .mov .mkv .webm .avi, labelled where faces are "
+                   "searched): frames sampled per second of video, by timestamp (default 2; 0: every frame)")
     p.add_argument("--config", help="YAML config with the same keys; flags and --set override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set batch_size=128 or --set precision=fp32 (repeatable)")
@@ -56,7 +58,8 @@ def _infer(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.label.infer import label_images
 
     flags = {"model": args.model, "input": args.input, "output": args.output,
-             "overwrite": args.overwrite, "skip_existing": args.skip_existing, "faces": args.faces}
+             "overwrite": args.overwrite, "skip_existing": args.skip_existing, "faces": args.faces,
+             "fps": args.fps}
     overrides = parse_overrides(args.overrides) | {k: v for k, v in flags.items() if v is not None}
     return label_images(load_config(InferConfig, args.config, overrides))
 

@@ -195,6 +195,10 @@ class InferConfig:
     # (stores of face crops); auto: images up to 128 px are face crops, the others are searched
     faces: Literal["auto", "detect", "whole"] = "auto"
     face_detect_size: int = 640  # long side the face detector searches at; raise for small faces (cost ~ its square)
+    # videos (.mp4 .m4v .mov .mkv .webm .avi; with faces auto or detect): frames sampled per second
+    # of video (0: every frame), and seconds of video per decode task
+    fps: float = 2.0
+    segment_s: float = 60.0
 
     def check(self) -> None:
         if not self.model:
@@ -212,6 +216,10 @@ class InferConfig:
         if self.actors is not None:
             _at_least("actors", self.actors, 1)
         _at_least("face_detect_size", self.face_detect_size, 64)
+        if not 0 <= self.fps <= 240:
+            raise ConfigError(f"fps must be in [0, 240] (frames sampled per second of video; 0: every frame), "
+                              f"got {self.fps}")
+        _at_least("segment_s", self.segment_s, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import ray_fer
 
 PACKAGE = Path(ray_fer.__file__).parent
 REPO = PACKAGE.parent
-PACKAGES = ("ray_fer.cli", "ray_fer.train", "ray_fer.label", "ray_fer.faces", "ray_fer.store")
+PACKAGES = ("ray_fer.cli", "ray_fer.train", "ray_fer.label", "ray_fer.video", "ray_fer.faces", "ray_fer.store")
 MAX_LINES = 550
 
 

@@ -18,7 +18,7 @@ import pytest
 from ray_fer.store import storage
 from ray_fer.labels import CLASSES
 from ray_fer.store.lease import LEASE_TIMEOUT_ENV, LeaseError
-from ray_fer.schema import FACE_COLUMNS, output_schema
+from ray_fer.schema import VIDEO_COLUMNS, FACE_COLUMNS, output_schema
 from ray_fer.store.output import SUCCESS_FILE, OutputError, OutputRun
 
 from conftest import _lease_timeout, _one_line, _past_lease_timeout
@@ -264,10 +264,11 @@ PHOTOS = [("/a.jpg", 0, None), ("/a.jpg", 1, None), ("/a.jpg", 2, None), ("/b.jp
           ("/c.jpg", None, "empty file"), ("/d.jpg", 0, None)]
 
 
-def test_face_schema_has_the_face_columns_after_the_path():
+def test_face_schema_has_the_video_and_face_columns_after_the_path():
     names = FACE_SCHEMA.names
-    assert names[:len(FACE_COLUMNS) + 1] == ["path", *FACE_COLUMNS]
-    assert names[len(FACE_COLUMNS) + 1:] == SCHEMA.names[1:]  # then what a whole-image row holds
+    head = ["path", *VIDEO_COLUMNS, *FACE_COLUMNS]
+    assert names[:len(head)] == head
+    assert names[len(head):] == SCHEMA.names[1:]  # then what a whole-image row holds
     assert FACE_SCHEMA.field("face").type == pa.int32() and FACE_SCHEMA.field("left_eye_x").type == pa.float32()
     assert len(FACE_COLUMNS) == 16  # face, box (4), score, 5 landmarks (10)
 

@@ -9,6 +9,8 @@ batches (much faster than `read_images` on small files).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 import random
 from collections import Counter
@@ -126,23 +128,33 @@ def decode_batch(batch: dict[str, Any], *, decode_size: int) -> dict[str, Any]:
                           "error": np.array(errors, dtype=object)}
 
 
-def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, faces: str):
+def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, faces: str, fps: float = 2.0):
     """Ray Data batch function for face detection: read and decode each `path` once
     (`decode.decode_photo`), yielding a block whenever PHOTO_BLOCK_BYTES of decoded photos have
     gathered, so that a task holds a few photos at a time whatever its size (a store of face
     crops under --faces auto still makes one block per task).
 
-    Every row stays. Adds what `decode_batch` adds (`image` holds the whole image where it is a
-    face crop: --faces auto and a small image; zeros elsewhere) and the photo's two copies as raw
-    bytes with their sizes: `detect` (RGB), `gray` (PHOTO_COLUMNS; empty for crops and errors).
+    Every image row stays. Adds what `decode_batch` adds (`image` holds the whole image where it is
+    a face crop: --faces auto and a small image; zeros elsewhere) and the photo's two copies as raw
+    bytes with their sizes: `detect` (RGB), `gray` (PHOTO_COLUMNS; empty for crops and errors),
+    and `frame` (-1) and `time_s` (NaN). A video segment's row (`label/videos.expand_videos`: its
+    `video_start` is a number) becomes one row per sampled frame, with its `frame` and `time_s`,
+    and one error row (`time_s` where it broke; NaN where the file could not be opened) where
+    decoding breaks.
     """
+    from ray_fer.video.decode import VideoError, decode_frames
+
     whole_max_side = AUTO_WHOLE_SIDE if faces == "auto" else 0
     paths = [str(p) for p in batch["path"]]
+    starts = np.asarray(batch.get("video_start", np.full(len(paths), np.nan)), dtype=np.float64)
+    ends = np.asarray(batch.get("video_end", np.full(len(paths), np.nan)), dtype=np.float64)
     sizes = ("width", "height", "detect_height", "detect_width", "gray_height", "gray_width")
+    passed = {k: np.asarray(v) for k, v in batch.items() if k not in ("video_start", "video_end")}
     rows: list[dict[str, Any]] = []
-    held = start = 0  # bytes of decoded photos gathered; the first row not yet yielded
+    held = 0  # bytes of decoded photos gathered
 
     def block() -> dict[str, Any]:
+        src = np.array([r["src"] for r in rows], dtype=np.int64)
         out: dict[str, Any] = {name: np.array([r.get(name, 0) for r in rows], dtype=np.int32) for name in sizes}
         out["image"] = np.zeros((len(rows), decode_size, decode_size), dtype=np.uint8)
         for i, r in enumerate(rows):
@@ -151,10 +163,20 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
         for name, missing in (("detect", b""), ("gray", b""), ("error", None)):
             out[name] = np.empty(len(rows), dtype=object)
             out[name][:] = [r.get(name, missing) for r in rows]
-        return {k: np.asarray(v)[start:start + len(rows)] for k, v in batch.items()} | out
+        out["frame"] = np.array([r.get("frame", -1) for r in rows], dtype=np.int32)
+        out["time_s"] = np.array([r.get("time_s", np.nan) for r in rows], dtype=np.float64)
+        return {k: v[src] for k, v in passed.items()} | out
 
-    for blob in storage.read_each(paths):  # streamed: a few files in memory at a time
-        row: dict[str, Any] = {}
+    def photo_row(i: int, width: int, height: int, detect: np.ndarray, gray: np.ndarray) -> dict[str, Any]:
+        nonlocal held
+        held += detect.nbytes + gray.nbytes
+        return {"src": i, "width": width, "height": height, "detect": detect.tobytes(), "gray": gray.tobytes(),
+                "detect_height": detect.shape[0], "detect_width": detect.shape[1],
+                "gray_height": gray.shape[0], "gray_width": gray.shape[1]}
+
+    images = [i for i in range(len(paths)) if np.isnan(starts[i])]
+    for i, blob in zip(images, storage.read_each([paths[i] for i in images])):  # a few files in memory at a time
+        row: dict[str, Any] = {"src": i}
         if isinstance(blob, FileNotFoundError):
             row["error"] = READ_ERROR_PREFIX + "not found"
         else:
@@ -163,24 +185,33 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
             except ImageError as e:
                 row["error"] = str(e)
             else:
-                row |= {"width": photo.width, "height": photo.height}
                 if photo.face is not None:
-                    row["face"] = photo.face
+                    row |= {"width": photo.width, "height": photo.height, "face": photo.face}
                 else:
-                    row |= {"detect": photo.detect.tobytes(), "gray": photo.gray.tobytes(),
-                            "detect_height": photo.detect.shape[0], "detect_width": photo.detect.shape[1],
-                            "gray_height": photo.gray.shape[0], "gray_width": photo.gray.shape[1]}
-                    held += photo.detect.nbytes + photo.gray.nbytes
+                    row = photo_row(i, photo.width, photo.height, photo.detect, photo.gray)
         rows.append(row)
         if held >= PHOTO_BLOCK_BYTES:
             yield block()
-            start, held, rows = start + len(rows), 0, []
+            held, rows = 0, []
+    for i in np.flatnonzero(~np.isnan(starts)):  # video segments: their sampled frames, streamed
+        try:
+            for frame in decode_frames(paths[i], start_s=starts[i], end_s=ends[i], fps=fps, detect_size=detect_size):
+                rows.append(photo_row(int(i), frame.width, frame.height, frame.detect, frame.gray)
+                            | {"frame": frame.index, "time_s": frame.time_s})
+                if held >= PHOTO_BLOCK_BYTES:
+                    yield block()
+                    held, rows = 0, []
+        except FileNotFoundError:
+            rows.append({"src": int(i), "error": READ_ERROR_PREFIX + "not found"})
+        except VideoError as e:
+            rows.append({"src": int(i), "error": str(e), "time_s": np.nan if e.at_s is None else e.at_s})
     if rows:
         yield block()
 
 
 def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = DECODE_BATCH,
-                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640, tally: Any = None):
+                    num_cpus: float = 1.0, faces: str = "whole", detect_size: int = 640, tally: Any = None,
+                    videos: "VideoOptions | None" = None):
     """The lazy read-and-decode stage over a `path` column, adding `image` (uint8), `width`,
     `height` and `error` (see `decode_batch`); one row per input row, other columns kept. With
     `faces` "detect" or "auto", `decode_photos` instead (the photos' copies for the detector).
@@ -191,6 +222,9 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
     `decode_batch_size` files and at least one per cluster CPU while each still gets
     MIN_DECODE_BATCH files, with faces MIN_PHOTO_DECODE_BATCH). `tally` (a `pathsets.Tally`
     actor) is told the digest of every block that reaches the decode tasks, as "todo".
+    With `videos` (and faces), the video paths among them are cut into segments
+    (`videos.expand_videos`, a light task whose blocks each become a decode task) and their
+    sampled frames decoded as photos.
     """
     import ray
     import ray.data
@@ -211,11 +245,27 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
 
         ds = ds.map_batches(tally_block, fn_kwargs={"tally": tally, "name": "todo"}, batch_size=None,
                             batch_format="pyarrow", num_cpus=num_cpus)
+    if photos and videos is not None:
+        from ray_fer.label.videos import EXPAND_CPUS, expand_videos
+
+        # on another share of a CPU than the decode stage, so that Ray Data does not fuse the two:
+        # each segment's block is then a decode task of its own
+        ds = ds.map_batches(expand_videos, fn_kwargs={"segment_s": videos.segment_s}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=EXPAND_CPUS)
     if photos:
-        fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces}
+        fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces,
+                                     "fps": videos.fps if videos is not None else 0.0}
     else:
         fn, kwargs = decode_batch, {"decode_size": decode_size}
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=num_cpus)
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How videos are sampled: frames per second (0: every frame) and seconds per decode task."""
+
+    fps: float = 2.0
+    segment_s: float = 60.0
 
 
 EXAMPLES = 5  # undecodable files named in the warning; the rest are counted

@@ -33,15 +33,16 @@ from ray_fer import __version__, cluster, console
 
 from ray_fer.store import storage
 from ray_fer.config import InferConfig
-from ray_fer.label.datasets import PHOTO_DECODE_BATCH
+from ray_fer.label.datasets import PHOTO_DECODE_BATCH, VideoOptions
 from ray_fer.faces.options import check_detector
 from ray_fer.label.inputs import blocks_of, find_inputs, input_dataset, no_images
 from ray_fer.label.listing import LIST_CPUS
 from ray_fer.model_ref import ModelFile, ModelRef
-from ray_fer.schema import output_schema, to_output
+from ray_fer.schema import KIND_COLUMN, TRACKED_KIND, VIDEO_KIND, output_schema, to_output
 from ray_fer.store.output import ROWS_PER_FILE, OutputRun
 from ray_fer.store.pathsets import Tally, tally_block
 from ray_fer.label.pipeline import open_model, prediction_dataset
+from ray_fer.label.videos import track_videos
 from ray_fer.store.resume import drop_done
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     model_file = ModelFile.read(cfg.model)  # the file's bytes only: torch opens it in a Ray task below
-    inputs = find_inputs(cfg.input)
     faces = cfg.faces != "whole"
+    inputs = find_inputs(cfg.input, videos=faces)
     # then the output's lease: a second run on a live output is refused in seconds, before Ray
     # starts or the model is opened
     with OutputRun(cfg.output, overwrite=cfg.overwrite, skip_existing=cfg.skip_existing, faces=faces) as out:
@@ -83,7 +84,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         _label_while_holding(out, paths, model, cfg, tally)
         listed = tally.counts().get("listed", 0)
         if not listed:
-            raise no_images(cfg.input)
+            raise no_images(cfg.input, inputs.extensions)
         todo = tally.total("todo")
         log.info("listed %s images under %s", f"{listed:,}", cfg.input)
         skipped = listed - todo.count
@@ -127,20 +128,32 @@ def _label_while_holding(out: OutputRun, paths: Any, model: ModelRef, cfg: Infer
 
 def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally) -> None:
     """The Ray Data pipeline over a stream of paths: one Parquet row per path (with faces, per
-    face, and one for a file without a face), written to `dst`."""
+    face, and one for a file without a face; per face per sampled frame of a video), written to
+    `dst`. With faces the rows are staged partitioned on their kind: images' rows are final in
+    dst/kind=image/; videos' go to dst/kind=video/ first, and a second pass tracks each video's
+    faces into dst/kind=tracked/ (label/videos.py)."""
+    faces = cfg.faces != "whole"
     ds = prediction_dataset(
         paths, model, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
         batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
         compile=cfg.compile, faces=cfg.faces, detect_size=cfg.face_detect_size, tally=tally.actor,
+        videos=VideoOptions(fps=cfg.fps, segment_s=cfg.segment_s) if faces else None,
     )
     counter = console.RayCounter(tally.actor)
-    schema = output_schema(model.classes, faces=cfg.faces != "whole")
+    schema = output_schema(model.classes, faces=faces)
     # cheap steps on a share of a CPU, so they fit beside decode tasks and actors on any cluster;
     # not the same share: fused with the write, which waits for ROWS_PER_FILE rows, to_output
     # would count the rows for the progress display only once a file's worth is ready
-    ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter.actor},
+    ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter.actor, "kinds": faces},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
     progress = console.Progress(0)
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):
-        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2})
+        ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2},
+                         **({"partition_cols": [KIND_COLUMN]} if faces else {}))
+        if faces:
+            frames = storage.join(dst, f"{KIND_COLUMN}={VIDEO_KIND}")
+            track_videos(frames, storage.join(dst, f"{KIND_COLUMN}={TRACKED_KIND}"), schema=schema,
+                         counter=counter.actor)
+            if storage.exists(frames):
+                storage.delete_dir(frames)

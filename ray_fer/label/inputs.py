@@ -30,6 +30,7 @@ from ray_fer import cluster, ray_internals
 from ray_fer.store import pathsets, storage
 from ray_fer.config import UserError
 from ray_fer.label.decode import IMAGE_EXTENSIONS
+from ray_fer.schema import VIDEO_EXTENSIONS
 from ray_fer.label.listing import LIST_CPUS, Shard, listing_dataset, plan_shards, shards_wanted
 
 log = logging.getLogger(__name__)
@@ -59,44 +60,47 @@ class Inputs:
     shards: list[Shard] = field(default_factory=list)
     manifests: list[str] = field(default_factory=list)
     unique: bool = True  # the paths are known to be unique (a listing, or a ray-fer list manifest)
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # what a listing takes: images, and videos where faces are found
 
     @property
     def kind(self) -> str:
         return "manifest" if self.manifests else "folder"
 
 
-def find_inputs(src: str) -> Inputs:
+def find_inputs(src: str, *, videos: bool = False) -> Inputs:
     """Check `src` and plan how to read it. Raises InputError naming the path and the fix when it
-    is missing, unreadable, empty at its top level, or a manifest without a `path` column."""
+    is missing, unreadable, empty at its top level, or a manifest without a `path` column. With
+    `videos` a listing takes video files (VIDEO_EXTENSIONS) beside the images."""
     import pyarrow.fs as pafs
 
+    extensions = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if videos else ())
     kind = storage.kind_of(src, "input")
     if kind == pafs.FileType.File:
         if not src.lower().endswith(MANIFEST_SUFFIXES):
             raise InputError(f"input {src!r} is a file; pass a folder, an s3:// prefix, or a .parquet or .csv "
                              "manifest with a 'path' column")
         _check_manifest(src, src)
-        return Inputs(src, manifests=[src], unique=False)
+        return Inputs(src, manifests=[src], unique=False, extensions=extensions)
     if kind == pafs.FileType.NotFound and not storage.is_remote(src):
         raise InputError(f"input {src!r} does not exist; pass a folder, an s3://bucket/prefix, or a .parquet or "
                          ".csv manifest with a 'path' column")
     manifests, marked = _manifest_folder(src)
     if manifests:
         _check_manifest(src, manifests[0])
-        return Inputs(src, manifests=manifests, unique=marked)
+        return Inputs(src, manifests=manifests, unique=marked, extensions=extensions)
     try:
-        shards = plan_shards(src, wanted=shards_wanted(), extensions=IMAGE_EXTENSIONS)
+        shards = plan_shards(src, wanted=shards_wanted(), extensions=extensions)
     except FileNotFoundError:
         shards = []
     except Exception as e:  # noqa: BLE001 - OSError locally; botocore's errors on S3
         raise InputError(f"cannot list input {src!r}: {storage.short_error(e)}; check the path{storage.hint(src)}")
     if not shards:
-        raise no_images(src)
-    return Inputs(src, shards=shards)
+        raise no_images(src, extensions)
+    return Inputs(src, shards=shards, extensions=extensions)
 
 
-def no_images(src: str) -> InputError:
-    return InputError(f"no images under {src!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
+def no_images(src: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> InputError:
+    return InputError(f"no images under {src!r} (looked for {', '.join(extensions)}, recursively); "
                       "check the path" + (" and the prefix" if storage.is_remote(src) else ""))
 
 
@@ -197,8 +201,8 @@ def input_dataset(inputs: Inputs, *, with_size: bool = False):
     if inputs.shards:
         wanted = shards_wanted()
         if len(inputs.shards) < wanted:  # planned before joining a cluster bigger than MIN_SHARDS wants
-            inputs.shards = plan_shards(inputs.src, wanted=wanted, extensions=IMAGE_EXTENSIONS) or inputs.shards
-        return listing_dataset(inputs.shards, extensions=IMAGE_EXTENSIONS, with_size=with_size)
+            inputs.shards = plan_shards(inputs.src, wanted=wanted, extensions=inputs.extensions) or inputs.shards
+        return listing_dataset(inputs.shards, extensions=inputs.extensions, with_size=with_size)
     files = [{"uri": uri, "index": i} for i, uri in enumerate(inputs.manifests)]
     repeats: Any = None
     if not inputs.unique:

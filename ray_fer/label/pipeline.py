@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ray_fer import cluster
 from ray_fer.config import UserError
-from ray_fer.label.datasets import DECODE_BATCH, decoded_dataset
+from ray_fer.label.datasets import DECODE_BATCH, VideoOptions, decoded_dataset
 from ray_fer.faces.options import DETECT_SIZE, check_faces
 from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef
 from ray_fer.label.plan import plan_predictors
@@ -42,6 +42,7 @@ def prediction_dataset(
     faces: str = "whole",
     detect_size: int = DETECT_SIZE,
     tally: Any = None,
+    videos: VideoOptions | None = None,
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
     (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
@@ -57,7 +58,9 @@ def prediction_dataset(
     actors sized by `plan_predictors`. `tally` (a `pathsets.Tally` actor) is told the digest of
     every block that reaches the decode tasks. Nothing runs until the dataset is consumed (write_parquet,
     iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
-    With `compile` each actor torch.compiles its model once before its first batch.
+    With `compile` each actor torch.compiles its model once before its first batch. With `videos`
+    (and faces), video paths become one row per face per sampled frame (label/videos.py), not yet
+    tracked.
     """
     import ray
 
@@ -74,7 +77,8 @@ def prediction_dataset(
     log.info("predictors: %s actor(s) on %s, %d thread(s) and %g CPU each, batch %d",
              pool, plan.device, plan.threads, plan.num_cpus, plan.batch_size)
     ds = decoded_dataset(source, decode_size=model.decode_size, decode_batch_size=decode_batch_size,
-                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally)
+                         num_cpus=plan.decode_cpus, faces=faces, detect_size=detect_size, tally=tally,
+                         videos=videos)
     return ds.map_batches(
         FacePredictorActor if photos else PredictorActor,
         fn_constructor_args=(model.bundle,),

@@ -15,6 +15,7 @@ import json
 import logging
 from typing import Any
 
+from ray_fer.schema import KIND_COLUMN, VIDEO_KIND
 from ray_fer.store import storage
 from ray_fer.config import UserError
 from ray_fer.store.lease import Lease
@@ -72,6 +73,9 @@ def _changed(dst: str, record: dict[str, Any], what: str) -> JournalError:
                         f"its _LEASE and run again with --skip-existing")
 
 
+UNTRACKED = f"{KIND_COLUMN}={VIDEO_KIND}"
+
+
 def recover(dst: str, lease: Lease, *, salvage: bool = False) -> tuple[list[str], list[str]]:
     """Finish the commit a dead run began (the journal its lease still held), then clear the
     staging folders of the runs that had not reached their commit: deleted, or with `salvage`
@@ -112,8 +116,10 @@ def list_dir(dst: str) -> list[tuple[str, bool]]:
 
 
 def parquet_files(folder: str) -> list[str]:
+    """The Parquet files under a staging folder, but for a run's video frames not yet tracked
+    (kind=video/: label/infer.py), which are never output rows."""
     try:
-        return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+        return [f for f in storage.list_files(folder) if f.endswith(".parquet") and f"/{UNTRACKED}/" not in f]
     except FileNotFoundError:
         return []
 

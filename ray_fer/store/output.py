@@ -215,7 +215,8 @@ class OutputRun:
         kept = [(f"{own}/kept/{storage.basename(f)}", f"{self.run_id}-kept-{storage.basename(f)}") for f in self._kept]
         adopted = [(_under(self.dst, f), f"{_under(self.dst, f).split('/', 1)[0][len(STAGING_PREFIX):]}-"
                     f"{storage.basename(f)}") for f in self._adopted]
-        return kept + adopted + [(f"{own}/new/{storage.basename(f)}", storage.basename(f)) for f in new]
+        # new/ holds the files at its top, or in kind=... partitions (a run with faces: label/infer.py)
+        return kept + adopted + [(f"{own}/new/{_under(self.new_dir, f)}", storage.basename(f)) for f in new]
 
     def commit(self, success: dict[str, Any]) -> None:
         """Make the staged rows the output and write `_SUCCESS` holding `success` (steps 6-7)."""

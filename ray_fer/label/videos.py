@@ -1,0 +1,113 @@
+"""Videos in the labelling chain: segments, frames as photos, and each video's rows finished.
+
+A video takes three steps the images do not:
+
+1. `expand_videos` (a light task after the listing): each video's header is read and the video
+   becomes one row per segment (`video_start`, `video_end`; `video.decode.segments`), each its own
+   block, so that the decode tasks spread one long video over the cluster. Images pass through
+   (their `video_start` NaN).
+2. the decode task (`datasets.decode_photos`) decodes a segment's sampled frames
+   (`video.decode.decode_frames`) into rows that look like photos to the face stage, with their
+   `frame` and `time_s`: the predictor actors label a video's frames and photos in the same batches.
+3. once every frame is labelled, `finish_video` sees all of one video's rows together (a Ray Data
+   groupby on the path, over the video rows only: `track_videos`) and gives the person behind each
+   face a `track` (`video.track.assign_tracks`, across segment borders), numbers the video's faces
+   in time order (`face` 0 is its first, so a video has one first row as an image has), drops the
+   rows of frames without a face, keeps one no-face row for a video without any face and one
+   error row, the first, where decoding broke.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_fer.schema import KIND_COLUMN, to_output, video_mask
+from ray_fer.store import storage
+from ray_fer.video.decode import VideoError, probe, segments
+
+EXPAND_CPUS = 0.25  # a header read per video: light, and not the decode stage's share (see decoded_dataset)
+
+
+def expand_videos(batch: pa.Table, *, segment_s: float) -> Iterator[pa.Table]:
+    """Ray Data batch function: the images of the block as one block, then one block per segment
+    of each video (`video_start`, `video_end` in seconds; NaN for images). A video whose header
+    cannot be read becomes one segment (0, inf): its decode task finds the same reason and writes
+    the error row."""
+    is_video = video_mask(batch["path"]).to_numpy(zero_copy_only=False)
+    nan = np.full(batch.num_rows, np.nan)
+    with_bounds = batch.append_column("video_start", pa.array(nan)).append_column("video_end", pa.array(nan))
+    if not is_video.all():
+        yield with_bounds.filter(pa.array(~is_video))
+    for i in np.flatnonzero(is_video):
+        row = batch.slice(int(i), 1)
+        try:
+            duration = probe(str(row["path"][0])).duration_s
+        except (VideoError, FileNotFoundError, OSError):
+            duration = math.nan
+        for start, end in segments(duration, segment_s):
+            yield row.append_column("video_start", pa.array([start])).append_column("video_end", pa.array([end]))
+
+
+def finish_video(rows: pa.Table) -> pa.Table:
+    """All rows of one video (one group of the groupby) -> its output rows (see the module)."""
+    from ray_fer.video.track import assign_tracks
+
+    if KIND_COLUMN in rows.column_names:
+        rows = rows.drop_columns([KIND_COLUMN])
+    has_face = pc.is_valid(rows["face"]).to_numpy(zero_copy_only=False)
+    has_error = pc.is_valid(rows["error"]).to_numpy(zero_copy_only=False)
+    faces = rows.filter(pa.array(has_face & ~has_error))
+    errors = rows.filter(pa.array(has_error))
+    if errors.num_rows:  # the earliest break (a file that would not open first); later segments break again
+        at = pc.fill_null(errors["time_s"], -1.0).to_numpy(zero_copy_only=False)
+        errors = errors.slice(int(np.argmin(at)), 1)
+    if faces.num_rows == 0:
+        if errors.num_rows:
+            return errors.set_column(errors.schema.get_field_index("face"), "face", pa.nulls(1, pa.int32()))
+        first = rows.filter(pa.array(~has_face & ~has_error)).slice(0, 1)  # the video as a whole: no frame
+        for name, kind in (("face", pa.int32()), ("frame", pa.int32()), ("time_s", pa.float64())):
+            first = first.set_column(first.schema.get_field_index(name), name, pa.nulls(first.num_rows, kind))
+        return _with_video_columns(first, None, None)
+    faces = faces.take(pc.sort_indices(faces, sort_keys=[("time_s", "ascending"), ("box_x", "ascending")]))
+    times = faces["time_s"].to_numpy(zero_copy_only=False)
+    boxes = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in ("box_x", "box_y", "box_w", "box_h")], axis=1)
+    points = np.stack([pc.fill_null(faces[c], np.nan).to_numpy(zero_copy_only=False)
+                       for c in faces.column_names if c.endswith(("_x", "_y")) and not c.startswith("box_")], axis=1)
+    tracks = assign_tracks(times, boxes, points)
+    numbered = _with_video_columns(faces, np.arange(faces.num_rows), tracks)
+    if errors.num_rows:  # after the faces, numbered on: the video's first row stays its face 0
+        errors = errors.set_column(errors.schema.get_field_index("face"), "face",
+                                   pa.array([faces.num_rows], pa.int32()))
+        return pa.concat_tables([numbered, _with_video_columns(errors, None, None)])
+    return numbered
+
+
+def _with_video_columns(table: pa.Table, face: np.ndarray | None, track: np.ndarray | None) -> pa.Table:
+    if face is not None:
+        table = table.set_column(table.schema.get_field_index("face"), "face", pa.array(face, pa.int32()))
+    track_col = pa.array(track, pa.int32()) if track is not None else pa.nulls(table.num_rows, pa.int32())
+    if "track" in table.column_names:
+        return table.set_column(table.schema.get_field_index("track"), "track", track_col)
+    return table.append_column("track", track_col)
+
+
+def track_videos(frames_dir: str, tracked_dir: str, *, schema: pa.Schema, counter: Any = None,
+                 partitions: int = 8) -> None:
+    """Pass two of a labelling run with videos: read the video rows staged in `frames_dir`, finish
+    each video (`finish_video`), write them to `tracked_dir`."""
+    import ray.data
+
+    from ray_fer.store.output import ROWS_PER_FILE
+
+    if not storage.exists(frames_dir):
+        return
+    ds = ray.data.read_parquet(frames_dir, partitioning=None)
+    ds = ds.groupby("path", num_partitions=partitions).map_groups(finish_video, batch_format="pyarrow")
+    ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=0.25)
+    ds.write_parquet(tracked_dir, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2})

@@ -1,0 +1,249 @@
+"""Videos: frames sampled by timestamp (PyAV), segments that give the same frames as one pass,
+tracks, and `ray-fer infer` over a folder of synthetic videos with a known truth (FER2013 faces
+pasted at known, moving positions, expressions changing at known times, people entering and
+leaving; H.264, HEVC and VP9), the real walking.mp4, and videos that are empty, corrupt or cut off."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_fer.labels import CLASSES
+from ray_fer.video.decode import VideoError, decode_frames, probe, segments
+from ray_fer.video.synthetic import Person, make_video
+from ray_fer.video.track import assign_tracks, identity_switches, iou
+
+FPS = 2.0
+
+
+def _crop_labels(paths: list[Path]) -> list[tuple[str, float]]:
+    """The packaged model's label and confidence of each FER2013 face as it is (48x48, whole)."""
+    import torch
+
+    from ray_fer.label.decode import decode_image
+    from ray_fer.label.predictor import predict_probs
+    from ray_fer.model import load_bundle
+    from ray_fer.model_ref import resolve_model
+
+    bundle, _ = load_bundle(resolve_model("fer2013"))
+    x = torch.from_numpy(np.stack([decode_image(p.read_bytes(), 48)[0] for p in paths]))
+    with torch.inference_mode():
+        probs = predict_probs(bundle.build_model(), bundle.eval_preset(channels_last=False), x)
+    return [(CLASSES[int(q.argmax())], float(q.max())) for q in probs]
+
+
+@pytest.fixture(scope="module")
+def clear_faces(fer_root) -> dict[str, str]:
+    """Per class, the first FER2013 val face (sorted by name) that the packaged model labels as its
+    class with confidence >= 0.7 on the crop itself. Where the model hesitates on the crop (about a
+    third of val faces), any reframing flips its label: that measures the model, not the video path."""
+    chosen = {}
+    for label in ("happy", "surprise", "neutral", "angry"):
+        paths = sorted((fer_root / "val" / label).glob("*.jpg"))[:40]
+        chosen[label] = next(str(p) for p, (got, conf) in zip(paths, _crop_labels(paths))
+                             if got == label and conf >= 0.7)
+    return chosen
+
+
+def _people(faces: dict[str, str]) -> list[Person]:
+    """Three people: one whose expression changes at 4 s, one who crosses the frame between 2 s
+    and 6 s, one who appears at 5 s (a cut)."""
+    return [
+        Person([faces["happy"], faces["surprise"]], [0.0, 4.0], 0.0, 8.0, (40, 60), (300, 80)),
+        Person([faces["neutral"]], [2.0], 2.0, 6.0, (500, 220), (260, 200), side=110),
+        Person([faces["angry"]], [5.0], 5.0, 8.0, (480, 30), (470, 40), side=100),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, clear_faces) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    make_video(path, _people(clear_faces), duration_s=8.0, fps=10, gop=25)
+    return path
+
+
+def test_frames_are_sampled_by_timestamp(clip):
+    info = probe(str(clip))
+    assert info.duration_s == pytest.approx(8.0) and info.fps == 10 and (info.width, info.height) == (640, 360)
+    frames = list(decode_frames(str(clip), fps=FPS))
+    assert [f.index for f in frames] == list(range(0, 80, 5))
+    assert [f.time_s for f in frames] == pytest.approx([i / FPS for i in range(16)])
+    assert frames[0].detect.shape == (360, 640, 3) and frames[0].gray.shape == (360, 640)
+    small = list(decode_frames(str(clip), fps=FPS, detect_size=320))[0]
+    assert small.detect.shape == (180, 320, 3) and small.gray.shape == (360, 640)  # gray: 3x the detect size, capped
+    assert len(list(decode_frames(str(clip), fps=0))) == 80  # every frame
+    assert [f.index for f in decode_frames(str(clip), fps=0.5)] == [0, 20, 40, 60]
+
+
+@pytest.mark.parametrize("segment_s", [1.0, 2.5, 3.0])
+def test_segments_give_the_frames_one_pass_gives(clip, segment_s):
+    whole = [f.index for f in decode_frames(str(clip), fps=FPS)]
+    parts = segments(probe(str(clip)).duration_s, segment_s)
+    assert parts[0][0] == 0 and math.isinf(parts[-1][1]) and len(parts) == math.ceil(8.0 / segment_s)
+    cut = [f.index for start, end in parts for f in decode_frames(str(clip), start_s=start, end_s=end, fps=FPS)]
+    assert cut == whole
+
+
+def test_unreadable_videos_say_why(tmp_path, clip):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(VideoError, match="cannot open video") as e:
+        list(decode_frames(str(junk)))
+    assert e.value.at_s is None
+    with pytest.raises(FileNotFoundError):
+        probe(str(tmp_path / "missing.mp4"))
+
+
+def test_a_video_cut_off_keeps_its_frames_before_the_break(tmp_path, clear_faces):
+    full = tmp_path / "full.mp4"
+    make_video(full, _people(clear_faces)[:1], duration_s=8.0, faststart=True)  # the index first: readable when cut
+    data = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    got = []
+    with pytest.raises(VideoError, match=r"(broke after|breaks off at) \d+\.\d\d s") as e:
+        for frame in decode_frames(str(cut), fps=FPS):
+            got.append(frame.time_s)
+    assert 2.0 <= len(got) / FPS < 8.0 and e.value.at_s == pytest.approx(got[-1], abs=0.6)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracks
+
+
+def test_tracks_follow_people_who_cross_and_come_and_go():
+    rng = np.random.default_rng(1)
+    times, boxes, truth = [], [], []
+    for k in range(40):  # 20 s at 2 fps
+        t = k / FPS
+        for who, (x0, x1, y, on, off) in enumerate([(0, 600, 100, 0, 20), (600, 0, 140, 0, 20), (300, 300, 400, 5, 12)]):
+            if on <= t < off:
+                x = x0 + (x1 - x0) * t / 20 + rng.normal(0, 3)
+                times.append(t)
+                boxes.append([x, y + rng.normal(0, 3), 100, 100])
+                truth.append(who)
+    times, boxes = np.array(times), np.array(boxes)
+    points = np.repeat(boxes[:, None, :2] + 50, 5, axis=1).reshape(-1, 10)  # landmarks at the centre
+    tracks = assign_tracks(times, boxes, points)
+    assert len(set(tracks)) == 3
+    assert identity_switches(np.array(truth), tracks, times) == 0
+    # a person who is gone longer than the gap starts a new track when back
+    late = np.concatenate([times, [30.0]])
+    again = assign_tracks(late, np.vstack([boxes, [[300, 400, 100, 100]]]), np.vstack([points, points[:1]]))
+    assert again[-1] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# ray-fer infer over videos
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory, fer_root, photos_root, clear_faces) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("videos")
+    people = _people(clear_faces)
+    truth = {
+        "people.mp4": make_video(root / "people.mp4", people, duration_s=8.0, codec="h264"),
+        "sub/people-hevc.mkv": None,
+        "people-vp9.webm": make_video(root / "people-vp9.webm", people[:2], duration_s=6.0, codec="vp9", seed=2),
+    }
+    (root / "sub").mkdir()
+    truth["sub/people-hevc.mkv"] = make_video(root / "sub" / "people-hevc.mkv", people, duration_s=8.0,
+                                             codec="hevc", seed=1)
+    make_video(root / "nobody.mp4", [], duration_s=3.0)
+    (root / "junk.mov").write_bytes(np.random.default_rng(0).bytes(5000))
+    full = root.parent / "full.mp4"
+    make_video(full, people[:1], duration_s=8.0, faststart=True)
+    data = full.read_bytes()
+    (root / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    (root / "walking.mp4").symlink_to(fer_root.parent / "videos" / "walking.mp4")
+    photo = sorted(p for p in photos_root.iterdir() if p.suffix.lower() == ".jpg")[0]
+    (root / photo.name).symlink_to(photo)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def labelled(video_folder, tmp_path_factory, ray_local):
+    from ray_fer.config import InferConfig
+    from ray_fer.label.infer import label_images
+
+    root, _ = video_folder
+    out = tmp_path_factory.mktemp("video-out") / "labels"
+    summary = label_images(InferConfig(input=str(root), output=str(out), segment_s=3.0))
+    return summary, pq.read_table(out).to_pylist()
+
+
+def _rows(rows: list[dict], name: str) -> list[dict]:
+    return [r for r in rows if r["path"].endswith("/" + name)]
+
+
+@pytest.mark.integration
+def test_synthetic_videos_give_their_faces_tracks_and_labels(labelled, video_folder, clear_faces):
+    summary, rows = labelled
+    _, truth = video_folder
+    crop_label = dict(zip(clear_faces.values(), (label for label, _ in _crop_labels([Path(f) for f in clear_faces.values()]))))
+
+    found = total = agree = labelled_faces = switches = face_frames = 0
+    for name, gt in truth.items():
+        got = _rows(rows, name.split("/")[-1])
+        assert got and all(r["error"] is None for r in got), name
+        assert sorted(r["face"] for r in got) == list(range(len(got)))  # numbered over the video
+        sampled = [g for g in gt if math.isclose(g.time_s * FPS, round(g.time_s * FPS))]
+        ids, tracks, times = [], [], []
+        for g in sampled:
+            here = [r for r in got if r["time_s"] == pytest.approx(g.time_s)]
+            total += 1
+            if not here:
+                continue
+            boxes = np.array([[r["box_x"], r["box_y"], r["box_w"], r["box_h"]] for r in here])
+            overlap = iou(np.array([g.box], float), boxes)[0]
+            best = int(overlap.argmax())
+            if overlap[best] >= 0.5:
+                found += 1
+                row = here[best]
+                assert row["frame"] == round(g.time_s * 10)
+                ids.append(g.person), tracks.append(row["track"]), times.append(g.time_s)
+                labelled_faces += 1
+                agree += row["label"] == crop_label[g.face]
+        switches += identity_switches(np.array(ids), np.array(tracks), np.array(times))
+        face_frames += len(ids)
+        assert len({r["track"] for r in got}) >= 2
+    print(f"faces found {found}/{total}, identity switches {switches}/{face_frames}, labels agreeing {agree}/{labelled_faces}")
+    assert found / total >= 0.95, (found, total)
+    assert switches / face_frames <= 0.02, (switches, face_frames)
+    assert agree / labelled_faces >= 0.90, (agree, labelled_faces)
+
+
+@pytest.mark.integration
+def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder):
+    summary, rows = labelled
+    assert summary["images"] == 8 and summary["errors"] == 2  # junk.mov, cut.mp4
+    nobody = _rows(rows, "nobody.mp4")
+    assert len(nobody) == 1 and nobody[0]["error"] is None and nobody[0]["label"] is None
+    assert nobody[0]["face"] is None and nobody[0]["frame"] is None and nobody[0]["time_s"] is None
+    junk = _rows(rows, "junk.mov")
+    assert len(junk) == 1 and junk[0]["error"].startswith("cannot open video") and junk[0]["time_s"] is None
+    cut = _rows(rows, "cut.mp4")
+    broken = [r for r in cut if r["error"] is not None]
+    assert len(broken) == 1 and "s" in broken[0]["error"] and broken[0]["face"] == len(cut) - 1
+    before = [r for r in cut if r["error"] is None]
+    assert len(before) >= 4 and all(r["time_s"] < broken[0]["time_s"] + 0.6 for r in before)
+    photo = [r for r in rows if r["path"].endswith(".jpg")]
+    assert photo and all(r["frame"] is None and r["track"] is None for r in photo)
+
+
+@pytest.mark.integration
+def test_walking_gives_faces_in_most_frames_and_several_tracks(labelled):
+    _, rows = labelled
+    walking = _rows(rows, "walking.mp4")
+    times = {r["time_s"] for r in walking if r["label"] is not None}
+    assert len(times) >= 0.6 * math.ceil(4.2 * FPS), sorted(times)
+    assert len({r["track"] for r in walking}) >= 2
+    assert all(r["width"] == 1920 and r["height"] == 1080 for r in walking)
