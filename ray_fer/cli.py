@@ -104,12 +104,22 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="training curves (curves.png) and per-epoch metrics.csv of a run")
-    p.add_argument("run", metavar="RUN", help="run folder <run.storage_path>/<run.name> (local or s3://)")
+    p = sub.add_parser("report", help="training curves (curves.png) and per-epoch metrics.csv of a run; or, for a "
+                       "labelled output with videos, each track's emotions (tracks.csv) and a timeline per video")
+    p.add_argument("run", metavar="RUN", help="run folder <run.storage_path>/<run.name>, or an output that "
+                   "`ray-fer infer` wrote (local or s3://)")
+    p.add_argument("--output", help="where a labelled output's track report goes (default ./tracks/<its name>)")
     p.set_defaults(func=_report)
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from ray_fer.store import storage
+    from ray_fer.store.journal import SUCCESS_FILE
+
+    if storage.exists(storage.join(args.run, SUCCESS_FILE)):  # a labelled output, not a training run
+        from ray_fer.label.videos import report_videos
+
+        return report_videos(args.run, args.output)
     from ray_fer.train.runs import report_run
 
     return report_run(args.run)
@@ -125,6 +135,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--faces", default="auto", help=FACES_HELP)
     p.add_argument("--annotate", metavar="DIR", help="write each image with its faces' boxes and labels drawn "
                    "into DIR (local or s3://)")
+    p.add_argument("--fps", type=float, default=2.0, help="videos: frames sampled per second (default 2; 0: every "
+                   "frame); their faces get tracks, and --annotate writes the sampled frames as an .mp4")
     p.set_defaults(func=_predict)
 
 
@@ -132,7 +144,7 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.label.predict import format_predictions, predict_files
 
     result = predict_files(args.model, args.images, tta=args.tta, top=args.top, faces=args.faces,
-                           annotate=args.annotate)
+                           annotate=args.annotate, fps=args.fps)
     print(format_predictions(result), flush=True)
     return result
 

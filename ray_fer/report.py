@@ -11,9 +11,12 @@ import io
 import json
 import logging
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from ray_fer.store import storage
 from ray_fer.config import UserError
@@ -330,10 +333,39 @@ LABEL_COLOURS = ((220, 40, 40), (120, 160, 40), (150, 60, 200), (250, 200, 0), (
                  (255, 120, 0))
 
 
-def annotate_photo(image, faces: Sequence[dict[str, Any]]):
+def plot_timeline(rows: pa.Table, *, title: str = "", classes: Sequence[str] = CLASSES) -> bytes:
+    """PNG: the timeline of one video's rows (`ray-fer report` on a labelled output): one band per
+    track, each emotion's probability over the track's sampled frames."""
+    import pyarrow.compute as pc
+
+    rows = rows.filter(pc.and_(pc.is_valid(rows["track"]), pc.is_valid(rows["label"])))
+    tracks = sorted(set(rows["track"].to_pylist())) or [None]
+    fig = _new_figure((10, 1.6 + 1.5 * len(tracks)), 100)
+    axes = fig.subplots(len(tracks), 1, sharex=True, squeeze=False)[:, 0]
+    colours = [tuple(v / 255 for v in LABEL_COLOURS[i % len(LABEL_COLOURS)]) for i in range(len(classes))]
+    for ax, track in zip(axes, tracks):
+        if track is None:
+            ax.text(0.5, 0.5, "no face found", ha="center", va="center", transform=ax.transAxes)
+            continue
+        t = rows.filter(pc.equal(rows["track"], track)).sort_by("time_s")
+        times = t["time_s"].to_numpy(zero_copy_only=False)
+        for j, c in enumerate(classes):
+            ax.plot(times, t[f"prob_{c}"].to_numpy(zero_copy_only=False), color=colours[j], lw=1.5,
+                    marker="." if len(times) < 40 else None, label=c)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"track {track}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(ncol=len(classes), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.02), frameon=False)
+    axes[-1].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def annotate_photo(image, faces: Sequence[dict[str, Any]], empty_caption: str = "no face found"):
     """`image` (PIL, upright) with each face's box and "<index> <label> <confidence>" drawn on a
     copy; `faces` are predict rows with `box` (x, y, w, h) and `label`. A photo without a face
-    gets the caption "no face found"; one labelled whole (no box), its label."""
+    gets `empty_caption`; one labelled whole (no box), its label."""
     from PIL import ImageDraw, ImageFont
 
     out = image.convert("RGB")
@@ -353,8 +385,9 @@ def annotate_photo(image, faces: Sequence[dict[str, Any]]):
         draw.text((x + line - left, ty + line - top), text, fill=(0, 0, 0), font=font)
     if not boxed:  # --faces whole labels the image itself; else no face was found
         whole = [f for f in faces if f.get("label") is not None]
-        caption = f"{whole[0]['label']} {whole[0].get('confidence', 0):.0%}" if whole else "no face found"
-        draw.text((line * 3, line * 3), caption, fill=(220, 40, 40), font=font)
+        caption = f"{whole[0]['label']} {whole[0].get('confidence', 0):.0%}" if whole else empty_caption
+        if caption:
+            draw.text((line * 3, line * 3), caption, fill=(220, 40, 40), font=font)
     return out
 
 

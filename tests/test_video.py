@@ -177,7 +177,7 @@ def labelled(video_folder, tmp_path_factory, ray_local):
     root, _ = video_folder
     out = tmp_path_factory.mktemp("video-out") / "labels"
     summary = label_images(InferConfig(input=str(root), output=str(out), segment_s=3.0))
-    return summary, pq.read_table(out).to_pylist()
+    return summary, pq.read_table(out).to_pylist(), out
 
 
 def _rows(rows: list[dict], name: str) -> list[dict]:
@@ -186,7 +186,7 @@ def _rows(rows: list[dict], name: str) -> list[dict]:
 
 @pytest.mark.integration
 def test_synthetic_videos_give_their_faces_tracks_and_labels(labelled, video_folder, clear_faces):
-    summary, rows = labelled
+    summary, rows, _ = labelled
     _, truth = video_folder
     crop_label = dict(zip(clear_faces.values(), (label for label, _ in _crop_labels([Path(f) for f in clear_faces.values()]))))
 
@@ -223,7 +223,7 @@ def test_synthetic_videos_give_their_faces_tracks_and_labels(labelled, video_fol
 
 @pytest.mark.integration
 def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder):
-    summary, rows = labelled
+    summary, rows, _ = labelled
     assert summary["images"] == 8 and summary["errors"] == 2  # junk.mov, cut.mp4
     nobody = _rows(rows, "nobody.mp4")
     assert len(nobody) == 1 and nobody[0]["error"] is None and nobody[0]["label"] is None
@@ -241,9 +241,62 @@ def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder
 
 @pytest.mark.integration
 def test_walking_gives_faces_in_most_frames_and_several_tracks(labelled):
-    _, rows = labelled
+    _, rows, _ = labelled
     walking = _rows(rows, "walking.mp4")
     times = {r["time_s"] for r in walking if r["label"] is not None}
     assert len(times) >= 0.6 * math.ceil(4.2 * FPS), sorted(times)
     assert len({r["track"] for r in walking}) >= 2
     assert all(r["width"] == 1920 and r["height"] == 1080 for r in walking)
+
+
+@pytest.mark.integration
+def test_report_gives_each_track_its_emotions_and_a_timeline(labelled, tmp_path, capsys):
+    from conftest import _png_size
+    from ray_fer.label.videos import report_videos
+
+    _, rows, out = labelled
+    result = report_videos(str(out), str(tmp_path / "tracks"))
+    printed = capsys.readouterr().out
+    tracks = pq.read_table(result["tracks_parquet"]).to_pylist()
+    assert result["tracks"] == len(tracks) == len({(r["path"], r["track"]) for r in rows if r["track"] is not None})
+    for t in tracks:  # shares are the track's rows' labels
+        mine = [r for r in rows if r["path"] == t["path"] and r["track"] == t["track"]]
+        assert t["faces"] == len(mine)
+        assert t[f"share_{t['dominant']}"] == max(t[f"share_{c}"] for c in CLASSES)
+        assert sum(t[f"share_{c}"] for c in CLASSES) == pytest.approx(1.0)
+        assert t["first_s"] == min(r["time_s"] for r in mine) and t["last_s"] == max(r["time_s"] for r in mine)
+    # people.mp4's first person shows one face for 4 s, another for the next 4 s: half and half
+    first = next(t for t in tracks if t["path"].endswith("/people.mp4") and t["first_s"] == 0.0)
+    assert 15 <= first["faces"] <= 16
+    top = sorted(first[f"share_{c}"] for c in CLASSES)[-2:]
+    assert sum(top) >= 0.9 and min(top) >= 0.35
+    assert "people.mp4 track" in printed and "mostly" in printed
+    assert (tmp_path / "tracks" / "tracks.csv").read_text().startswith("\"path\",\"track\"")
+    w, h = _png_size((tmp_path / "tracks" / "timelines" / "people.png").read_bytes())
+    assert w >= 800 and h >= 300
+
+
+def test_predict_tracks_a_clip_and_draws_its_faces(clip, tmp_path):
+    import av
+
+    from ray_fer.label.predict import format_predictions, predict_files
+
+    result = predict_files("fer2013", [str(clip)], annotate=str(tmp_path / "annotated"))
+    rows = [r for r in result["predictions"] if r.get("track") is not None]
+    assert {r["time_s"] for r in rows} == {k / FPS for k in range(16)}  # the first person is on screen throughout
+    assert len({r["track"] for r in rows}) == 3 and len(result["tracks"]) == 3
+    assert "track 0:" in format_predictions(result)
+    out = tmp_path / "annotated" / "clip.mp4"
+    assert result["annotated"] == [str(out)]
+    with av.open(str(out)) as annotated, av.open(str(clip)) as source:
+        drawn = [f.to_ndarray(format="rgb24").astype(int) for f in annotated.decode(annotated.streams.video[0])]
+        plain = [f.to_ndarray(format="rgb24").astype(int) for i, f in enumerate(source.decode(source.streams.video[0]))
+                 if i % 5 == 0]
+    assert len(drawn) == len(plain) == 16
+    for k in (0, 7, 15):  # each face's box is drawn on its frame: the box's edge changed, the frame's far corner did not
+        for r in (r for r in rows if r["time_s"] == k / FPS):
+            x, y, w, h = (round(v) for v in r["box"])
+            edge = max(np.abs(drawn[k][row, x + 2:x + w - 2] - plain[k][row, x + 2:x + w - 2]).mean()
+                       for row in range(y + h - 2, min(y + h + 2, 360)))
+            assert edge > 15, (k, r["box"], edge)  # a mean over the edge: grey (neutral) on a grey backdrop is ~25
+        assert np.abs(drawn[k][-20:, :20] - plain[k][-20:, :20]).mean() < 8

@@ -19,12 +19,15 @@ A video takes three steps the images do not:
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ray_fer.schema import KIND_COLUMN, to_output, video_mask
 from ray_fer.store import storage
@@ -111,3 +114,50 @@ def track_videos(frames_dir: str, tracked_dir: str, *, schema: pa.Schema, counte
     ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter}, batch_format="pyarrow",
                         batch_size=None, num_cpus=0.25)
     ds.write_parquet(tracked_dir, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2})
+
+
+def report_videos(labels: str, output: str | None = None) -> dict[str, Any]:
+    """`ray-fer report LABELS` on a labelled output with videos: tracks.parquet and tracks.csv (one
+    row per video and track: `video.summary.track_summary`) and timelines/<video>.png (one band per
+    track) into `output` (default ./tracks/<output's name>); prints the tracks. Reads only the
+    columns it needs of the video rows."""
+    import pyarrow.dataset as pads
+
+    from ray_fer.config import UserError
+    from ray_fer.labels import CLASSES
+    from ray_fer.report import plot_timeline
+    from ray_fer.store.journal import SUCCESS_FILE
+    from ray_fer.video.summary import format_tracks, to_csv, track_summary
+
+    if not storage.exists(storage.join(labels, SUCCESS_FILE)):
+        raise UserError(f"{labels!r} holds no {SUCCESS_FILE}: pass an output that `ray-fer infer` completed")
+    fs, path = storage.filesystem(labels)
+    columns = ["path", "time_s", "track", "label", *(f"prob_{c}" for c in CLASSES)]
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    if "track" not in dataset.schema.names:
+        raise UserError(f"{labels!r} was labelled without faces (--faces whole): it has no videos or tracks")
+    rows = dataset.to_table(columns=columns, filter=pads.field("track").is_valid())
+    if rows.num_rows == 0:
+        raise UserError(f"{labels!r} holds no tracked faces: no video in it had a face found")
+    output = output or storage.join(os.path.abspath("tracks"), storage.basename(labels.rstrip("/")))
+    summary = track_summary(rows)
+    buf = io.BytesIO()
+    pq.write_table(summary, buf)
+    storage.write_bytes(storage.join(output, "tracks.parquet"), buf.getvalue())
+    storage.write_bytes(storage.join(output, "tracks.csv"), to_csv(summary))
+    names: set[str] = set()
+    timelines = []
+    for video in sorted(set(rows["path"].to_pylist())):
+        stem = storage.basename(video).rsplit(".", 1)[0] or "video"
+        name, k = f"{stem}.png", 1
+        while name in names:
+            k += 1
+            name = f"{stem}-{k}.png"
+        names.add(name)
+        uri = storage.join(output, "timelines", name)
+        storage.write_bytes(uri, plot_timeline(rows.filter(pc.equal(rows["path"], video)), title=video))
+        timelines.append(uri)
+    print(format_tracks(summary), flush=True)
+    return {"labels": labels, "videos": len(timelines), "tracks": summary.num_rows,
+            "tracks_parquet": storage.join(output, "tracks.parquet"), "tracks_csv": storage.join(output, "tracks.csv"),
+            "timelines": storage.join(output, "timelines")}
