@@ -11,6 +11,7 @@ rotation). Figures are training images/s per epoch (validation excluded), median
 after the first (warm-up).
 
     python bench/bench_train.py [--data ../shared/data/fer2013] [--image-size 64] [--epochs 4]
+    python bench/bench_train.py --levers   # memory format, bf16 autocast, batch size at 40 px, stride-1 stem
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ def plain_pytorch(paths: set[str], root: Path, *, image_size: int, batch_size: i
 
 
 def plain_in_memory(paths: list[str], labels: list[int], *, image_size: int, batch_size: int, epochs: int,
-                    threads: int) -> list[float]:
+                    threads: int, channels_last: bool = True, amp: torch.dtype | None = None,
+                    stem_stride: int = 2) -> list[float]:
     from ray_fer.label.decode import decode_image
     from ray_fer.images import train_preset
 
     torch.set_num_threads(threads)
     x = torch.from_numpy(np.stack([decode_image(Path(p).read_bytes(), 48)[0] for p in paths]))
     y = torch.tensor(labels)
-    preset = train_preset("flip_rotate", image_size=image_size)
-    model = build_model("none").to(memory_format=torch.channels_last)
+    preset = train_preset("flip_rotate", image_size=image_size, channels_last=channels_last)
+    model = build_model("none", stem_stride=stem_stride)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     rates = []
     for _ in range(epochs):
@@ -85,7 +89,9 @@ def plain_in_memory(paths: list[str], labels: list[int], *, image_size: int, bat
         for i in range(0, len(x) - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(preset(x[idx])), y[idx]).backward()
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                loss = torch.nn.functional.cross_entropy(model(preset(x[idx])), y[idx])
+            loss.backward()
             opt.step()
             seen += len(idx)
         rates.append(seen / (time.perf_counter() - t0))
@@ -104,6 +110,33 @@ def ray_fer_train(data: Path, *, image_size: int, batch_size: int, epochs: int, 
     return [h["train_images_per_s"] for h in load_bundle(summary["model"])[0].history]
 
 
+def levers(args: argparse.Namespace, table) -> None:
+    """--levers: what CPU training speed levers give at the fine-tune recipe's shape (40 px, stride-1
+    stem: jobs/fer-photos-cpu.yaml), on the in-memory loop: memory format, bf16 autocast (only
+    where the CPU computes bf16 natively: precision.cpu_has_native_bf16) and batch size."""
+    from ray_fer.precision import cpu_has_native_bf16
+
+    paths, labels = table.column("path").to_pylist(), table.column("label").to_pylist()
+    native = cpu_has_native_bf16()
+    print(f"levers at 40 px, stride-1 stem, {len(paths)} images, {args.threads} threads, {args.epochs} epochs "
+          f"(median of epochs 2-); this CPU computes bf16 natively: {native}")
+    variants = [("fp32 NCHW, batch 64", dict(channels_last=False, batch_size=64)),
+                ("channels_last, batch 64", dict(batch_size=64)),
+                ("channels_last + bf16 autocast, batch 64", dict(batch_size=64, amp=torch.bfloat16)),
+                ("channels_last, batch 32", dict(batch_size=32)),
+                ("channels_last, batch 128", dict(batch_size=128))]
+    results = {}
+    for name, kw in variants:
+        rates = plain_in_memory(paths, labels, image_size=40, epochs=args.epochs, threads=args.threads,
+                                stem_stride=1, **kw)
+        results[name] = statistics.median(rates[1:])
+        print(f"  {name:<42} {results[name]:7.1f} img/s  per epoch {[round(r) for r in rates]}", flush=True)
+    base = results["channels_last, batch 64"]
+    print(json.dumps({"native_bf16": native, **{k: round(v, 1) for k, v in results.items()},
+                      "bf16_ratio": round(results["channels_last + bf16 autocast, batch 64"] / base, 3),
+                      "nchw_ratio": round(results["fp32 NCHW, batch 64"] / base, 3)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/fer2013"))
@@ -112,10 +145,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--limit-per-class", type=int, default=300)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--levers", action="store_true", help="only the in-memory loop's speed levers at the fine-tune "
+                    "recipe's shape: memory format, bf16 autocast, batch size")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = Path(args.data)
     table = list_image_folder(str(data / "train"), limit_per_class=args.limit_per_class)
+    if args.levers:
+        return levers(args, table)
     paths = set(table.column("path").to_pylist())
     print(f"FER2013 subset: {len(paths)} training images, {args.image_size} px, batch {args.batch_size}, "
           f"{args.threads} threads, {args.epochs} epochs each (first epoch is warm-up)")
