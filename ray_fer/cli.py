@@ -156,13 +156,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size); needs --check-data")
     p.add_argument("--check-data", help="labelled image folder on which the exported labels must agree with the "
                    "original's on >= 99.9%% of images (nothing is written otherwise)")
+    p.add_argument("--blend-with", metavar="MODEL", help="write the weight-space average of --model and MODEL "
+                   "(WiSE-FT: a fine-tune and the model it started from, e.g. fer2013)")
+    p.add_argument("--alpha", type=float, default=0.5, help="--model's share of the blend (default 0.5)")
     p.set_defaults(func=_export)
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.label.export import export_model
 
-    return export_model(args.model, args.output, half=args.half, check_data=args.check_data)
+    return export_model(args.model, args.output, half=args.half, check_data=args.check_data,
+                        blend_with=args.blend_with, alpha=args.alpha)
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:

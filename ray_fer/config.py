@@ -142,6 +142,9 @@ class RunSection:
     cpus_per_worker: int | None = None  # CPU threads per worker; default: the node's CPUs / workers
     max_failures: int = 2  # worker-group restarts allowed
     checkpoints_to_keep: int = 2  # best checkpoints kept, ranked by val_loss
+    # which checkpoint becomes model.pt: "best" (lowest val_loss) or "last" (the last epoch's: for a
+    # fine-tune whose goal is not the validation set's own, e.g. real photos beside FER2013 val)
+    export: Literal["best", "last"] = "best"
     # auto: a re-used name resumes only if the settings that shape the weights are unchanged;
     # force: resume anyway, training on with the new settings
     resume: Literal["auto", "force"] = "auto"

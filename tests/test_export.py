@@ -51,3 +51,31 @@ def test_half_needs_data_to_check_on(bundle_path, tmp_path, capsys):
     assert rc == 2 and "--half needs --check-data" in err and not (tmp_path / "m.pt").exists()
     rc, out, _ = _run_cli(["export", "--model", bundle_path, "--output", str(tmp_path / "m.pt")], capsys)
     assert rc == 0 and load_bundle(str(tmp_path / "m.pt"))[1] == load_bundle(bundle_path)[1]
+
+
+def test_blend_is_the_weight_space_average_and_refuses_other_architectures(tmp_path):
+    from ray_fer.model import save_bundle
+    from ray_fer.model_ref import resolve_model
+
+    packaged, packaged_id = load_bundle(resolve_model("fer2013"))
+    torch.manual_seed(0)
+    moved = dataclasses.replace(packaged, state_dict={k: v + torch.randn_like(v.float()).to(v.dtype) * 0.01
+                                                      if v.is_floating_point() else v
+                                                      for k, v in packaged.state_dict.items()})
+    save_bundle(moved, str(tmp_path / "tuned.pt"))
+    summary = export_model(str(tmp_path / "tuned.pt"), str(tmp_path / "blend.pt"), blend_with="fer2013", alpha=0.25)
+    blended, _ = load_bundle(str(tmp_path / "blend.pt"))
+    name = "features.0.0.weight"
+    expected = 0.75 * packaged.state_dict[name].float() + 0.25 * moved.state_dict[name].float()
+    assert torch.allclose(blended.state_dict[name].float(), expected, atol=1e-3)
+    assert blended.config["blend"] == {"with": packaged_id, "alpha": 0.25} and summary["blend_with_id"] == packaged_id
+    # alpha 0 is the other model itself: its labels, its id once stored the same way
+    export_model(str(tmp_path / "tuned.pt"), str(tmp_path / "zero.pt"), blend_with="fer2013", alpha=0.0)
+    zero, _ = load_bundle(str(tmp_path / "zero.pt"))
+    assert all(torch.equal(zero.state_dict[k], v) for k, v in packaged.state_dict.items() if v.is_floating_point())
+    other = dataclasses.replace(moved, stem_stride=2)
+    save_bundle(other, str(tmp_path / "other.pt"))
+    with pytest.raises(UserError, match="differ in stem_stride"):
+        export_model(str(tmp_path / "other.pt"), str(tmp_path / "x.pt"), blend_with="fer2013")
+    with pytest.raises(UserError, match="--alpha must be in"):
+        export_model(str(tmp_path / "tuned.pt"), str(tmp_path / "x.pt"), blend_with="fer2013", alpha=1.5)

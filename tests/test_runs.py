@@ -151,5 +151,7 @@ def test_the_best_checkpoint_and_the_latest_history_are_read_from_storage(tmp_pa
         write_state(checkpoint, {"epoch": epoch, "metrics": history[epoch - 1], "history": history[:epoch]})
     best, latest_history = best_state_and_history(str(folder))
     assert best["epoch"] == 2 and latest_history == history
+    last, _ = best_state_and_history(str(folder), export="last")  # run.export=last
+    assert last["epoch"] == 3
     with pytest.raises(UserError, match="holds no checkpoint_"):
         best_state_and_history(str(tmp_path))

@@ -8,6 +8,13 @@ This is how the packaged model (ray_fer/models/fer2013.pt) is made from its trai
 
 The check runs both bundles in float32 in this process (no Ray) over every image of the folder,
 so the only difference it measures is the rounding of the stored weights.
+
+`--blend-with MODEL --alpha A` writes the weight-space average (1 - A) x MODEL + A x the model
+(WiSE-FT, Wortsman et al. 2022): a fine-tune blended with the model it started from keeps more of
+what the start knew (FER2013) while keeping much of what the fine-tune learnt (real photos). The
+two must share the architecture, stem stride and preprocessing; batch-norm statistics are averaged
+as the weights are. The result carries the fine-tune's config, metrics and class counts, and
+`blend` (the other model's id and alpha).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ def export_model(
     half: bool = False,
     check_data: str | None = None,
     min_agreement: float = MIN_AGREEMENT,
+    blend_with: str | None = None,
+    alpha: float = 0.5,
 ) -> dict[str, Any]:
     """Write `model` (a bundle, run folder or packaged name) to `output`; returns the summary.
 
@@ -47,9 +56,13 @@ def export_model(
                         "that float16 weights keep the labels")
     source = resolve_model(model)
     bundle, source_id = load_bundle(source)
-    exported = bundle.half() if half else bundle
     summary: dict[str, Any] = {"model": source, "model_id": source_id, "output": output,
                                "weights": "float16" if half else "as stored"}
+    if blend_with is not None:
+        other, other_id = load_bundle(resolve_model(blend_with))
+        bundle = blend(bundle, other, alpha, other_id)
+        summary |= {"blend_with": blend_with, "blend_with_id": other_id, "alpha": alpha}
+    exported = bundle.half() if half else bundle
     if check_data is not None:
         check = _agreement(bundle, exported, check_data)
         summary |= check
@@ -97,3 +110,27 @@ def _agreement(original, exported, data: str) -> dict[str, Any]:
         "accuracy": round(float((labels[0] == y).float().mean()), 6),
         "exported_accuracy": round(float((labels[1] == y).float().mean()), 6),
     }
+
+
+def blend(bundle, other, alpha: float, other_id: str):
+    """(1 - alpha) x other + alpha x bundle, tensor by tensor (see the module's docstring)."""
+    import dataclasses
+
+    if not 0 <= alpha <= 1:
+        raise UserError(f"--alpha must be in [0, 1] (the share of --model in the blend), got {alpha}")
+    same = ("architecture", "stem_stride", "image_size", "decode_size", "classes", "mean", "std")
+    differ = [k for k in same if getattr(bundle, k) != getattr(other, k)]
+    if differ or bundle.state_dict.keys() != other.state_dict.keys():
+        raise UserError(f"cannot blend models that differ in {', '.join(differ) or 'their weights names'}: blend a "
+                        "fine-tune with the model it was fine-tuned from")
+    state = {}
+    for name, mine in bundle.state_dict.items():
+        theirs = other.state_dict[name]
+        if mine.shape != theirs.shape:
+            raise UserError(f"cannot blend: {name} is {tuple(mine.shape)} in one model, {tuple(theirs.shape)} in the other")
+        if mine.is_floating_point():
+            state[name] = ((1 - alpha) * theirs.float() + alpha * mine.float()).to(mine.dtype)
+        else:  # batch-norm counters: the fine-tune's
+            state[name] = mine
+    return dataclasses.replace(bundle, state_dict=state, calibration={},
+                               config=dict(bundle.config, blend={"with": other_id, "alpha": alpha}))

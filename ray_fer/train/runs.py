@@ -99,10 +99,11 @@ def load_run_history(run: str) -> tuple[list[dict[str, Any]], int | None, str]:
                     "is it a run folder written by `ray-fer train`?")
 
 
-def best_state_and_history(run: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The state of the run's best checkpoint (lowest val_loss) and the history of its latest,
-    read from storage: what Ray Train's result gives at the end of a run, without starting it.
-    Ray keeps the best checkpoints by val_loss, so the best of them all is among those stored."""
+def best_state_and_history(run: str, export: str = "best") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The state of the run's best checkpoint (lowest val_loss; with `export` "last", its latest)
+    and the history of its latest, read from storage: what Ray Train's result gives at the end of
+    a run, without starting it. Ray keeps the best checkpoints by val_loss and the latest, so the
+    best of them all is among those stored."""
     best: dict[str, Any] | None = None
     latest: dict[str, Any] | None = None
     for uri in checkpoints(run):  # one state in memory at a time, besides the two kept
@@ -114,7 +115,7 @@ def best_state_and_history(run: str) -> tuple[dict[str, Any], list[dict[str, Any
     if best is None or latest is None:
         raise UserError(f"{run!r} holds no {CHECKPOINT_PREFIX}*/{STATE_FILE}; is it a run folder written by "
                         "`ray-fer train`?")
-    return best, latest["history"]
+    return (latest if export == "last" else best), latest["history"]
 
 
 def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "ModelBundle":
@@ -144,7 +145,7 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
 # change is refused unless run.resume=force.
 RESUMABLE = frozenset({
     "train.epochs", "train.fail_at_epoch", "train.ema_decay", "train.amp", "train.channels_last", "train.compile",
-    "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.max_failures", "run.checkpoints_to_keep",
+    "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.max_failures", "run.checkpoints_to_keep", "run.export",
     "run.shared_storage",
 })
 # Not settings of the run: its folder (the same by definition) and how this start treats it

@@ -144,7 +144,7 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
     resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
     if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
         with lease.fence("export"):
-            return export_best(cfg, *best_state_and_history(run_dir(cfg)))
+            return export_best(cfg, *best_state_and_history(run_dir(cfg), cfg.run.export))
     train_table, extra_table, val_table = check_inputs(cfg)
     train_rows = train_table.num_rows + (extra_table.num_rows * cfg.data.extra_repeat if extra_table else 0)
     steps_per_epoch(train_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
@@ -199,7 +199,7 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
         datasets=datasets,
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint("val_loss", "min")
+    best = result.checkpoint if cfg.run.export == "last" else result.get_best_checkpoint("val_loss", "min")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
     with lease.fence("export"):  # a run whose lease was taken over while it trained exports nothing
