@@ -62,7 +62,7 @@ def scores(y_true: list[int], labels: list[str | None]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="*", default=DEFAULT_SETS, help="labelled image folders (<root>/<class>/*)")
-    ap.add_argument("--model", default="fer2013", help="ray-fer model: packaged name or bundle path")
+    ap.add_argument("--model", default="fer-photos", help="ray-fer model: packaged name or bundle path")
     ap.add_argument("--fer-python", default=str(REPO / ".venv-fer" / "bin" / "python"))
     ap.add_argument("--fer-mtcnn", action="store_true", help="fer with its MTCNN detector (default: its Haar cascade)")
     ap.add_argument("--limit-per-class", type=int)

@@ -24,7 +24,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch  # noqa: F401  (fer 25.x: torch must be imported before TensorFlow)
     import cv2
-    from fer import FER
+    try:
+        from fer import FER
+    except ImportError:  # 25.10.3 no longer re-exports it from the package
+        from fer.fer import FER
 
     detector = FER(mtcnn=args.mtcnn)
     paths = [line.strip() for line in sys.stdin if line.strip()]

@@ -8,7 +8,7 @@ DATA=${DATA:-../shared/data/fer2013}
 RUNS=${RUNS:-./runs}
 OUT=${OUT:-./out}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # a private local instance on loopback
-MODEL=fer2013  # the model packaged with ray-fer (ray_fer/models/fer2013.pt): no training needed
+MODEL=fer-photos  # the default model packaged with ray-fer (ray_fer/models/fer-photos.pt): no training needed
 
 echo "== 1 faces in photos: five pictures made from the portrait matplotlib ships -> $OUT/photos"
 python jobs/demo_photos.py "$OUT/photos"
@@ -52,7 +52,7 @@ ray-fer evaluate --model "$MODEL" --data "$VAL" --output "$OUT/eval"
 echo "pictures: $OUT/eval/confusion_matrix.png   report: $OUT/eval/report.md"
 
 echo "== 4 fine-tuning the packaged model for a few minutes (200 faces per class, 2 epochs) -> $RUNS/demo"
-echo "   (the packaged model itself took hours: jobs/fer2013-cpu.yaml; re-running resumes the finished run,"
+echo "   (the packaged models took hours: jobs/fer2013-cpu.yaml, jobs/fer-photos-cpu.yaml; re-running resumes the finished run,"
 echo "    delete $RUNS/demo for a fresh one)"
 ray-fer train --config jobs/demo.yaml \
   --set data.train="$DATA/train" --set data.val="$VAL" --set run.storage_path="$RUNS"

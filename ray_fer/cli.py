@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="label an image folder, s3:// prefix or manifest into a Parquet data set")
-    p.add_argument("--model", help="fer2013 (the packaged model, the default), or a model.pt written by "
+    p.add_argument("--model", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt written by "
                    "`ray-fer train` (local or s3://) or its run folder")
     p.add_argument("--input", help="image folder, s3://bucket/prefix, or a .parquet/.csv manifest with a path column")
     p.add_argument("--output", help="folder or s3://bucket/prefix for the Parquet data set")
@@ -81,7 +81,7 @@ def _list(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and a confusion matrix on a labelled folder")
-    p.add_argument("--model", default="fer2013", help="fer2013 (the packaged model, the default), or a model.pt "
+    p.add_argument("--model", default="fer-photos", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt "
                    "written by `ray-fer train` (local or s3://) or its run folder")
     p.add_argument("--data", required=True, help="labelled image folder <class>/*.jpg (local or s3://), "
                    "e.g. ../shared/data/fer2013/val")
@@ -127,7 +127,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label a few image files and show the top probabilities")
-    p.add_argument("--model", default="fer2013", help="fer2013 (the packaged model, the default), or a model.pt "
+    p.add_argument("--model", default="fer-photos", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt "
                    "written by `ray-fer train` (local or s3://) or its run folder")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")

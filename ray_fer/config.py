@@ -182,7 +182,7 @@ class TrainJobConfig:
 class InferConfig:
     # a packaged model's name (fer2013: ray_fer/models/), or a model.pt that `ray-fer train` wrote
     # (local path, s3:// URI, or its run folder)
-    model: str = "fer2013"
+    model: str = "fer-photos"
     input: str = ""  # image folder, s3:// prefix, or a .parquet/.csv manifest with a `path` column
     output: str = ""  # local folder or s3:// prefix that receives the Parquet data set
     overwrite: bool = False  # replace an existing output (only files ray-fer writes are deleted)
@@ -205,7 +205,7 @@ class InferConfig:
 
     def check(self) -> None:
         if not self.model:
-            raise ConfigError("model is empty: pass --model fer2013 (the packaged model) or the model.pt "
+            raise ConfigError("model is empty: pass --model fer-photos (the packaged model) or the model.pt "
                               "that `ray-fer train` wrote")
         if not self.input:
             raise ConfigError("input is not set: pass --input PATH (a folder, s3://bucket/prefix or a manifest)")

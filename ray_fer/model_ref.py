@@ -24,8 +24,12 @@ from ray_fer.store import storage
 from ray_fer.config import UserError
 
 # Models that ship inside the package (ray_fer/models/<name>.pt), usable by name as --model
-PACKAGED_MODELS = {"fer2013": "trained by `ray-fer train --config jobs/fer2013-cpu.yaml` on FER2013 train"}
-DEFAULT_MODEL = "fer2013"
+PACKAGED_MODELS = {
+    "fer-photos": "the default: fer2013 fine-tuned on FER2013 and real news and film faces (wild-faces/train), "
+                  "blended with fer2013 and calibrated (docs/training.md#labels-on-real-photos)",
+    "fer2013": "trained by `ray-fer train --config jobs/fer2013-cpu.yaml` on FER2013 train alone",
+}
+DEFAULT_MODEL = "fer-photos"
 BUNDLE_FILE = "model.pt"  # a training run's exported best model, in its run folder (train/runs.py)
 OPEN_CPUS = 0.25  # the task that opens a bundle: a moment of one core, before any labelling
 

@@ -81,7 +81,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, tiny_bundle):
     assert f"input '{tmp_path}/missing' does not exist" in err
     err = _one_line_error(capsys, ["infer", "--model", str(tmp_path / "nope.pt"), "--input", str(tmp_path),
                                    "--output", str(tmp_path / "o")])
-    assert "nope.pt" in err and "does not exist" in err and "packaged model: fer2013" in err
+    assert "nope.pt" in err and "does not exist" in err and "packaged model: fer-photos, fer2013" in err
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     err = _one_line_error(capsys, ["infer", "--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path),
                                    "--output", str(tmp_path / "o")])
@@ -90,7 +90,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, tiny_bundle):
                                    "--output", str(tmp_path / "o"), "--set", "batchsize=3"])
     assert "unknown key batchsize; valid keys:" in err
     err = _one_line_error(capsys, ["infer", "--model", "", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
-    assert "model is empty: pass --model fer2013 (the packaged model)" in err
+    assert "model is empty: pass --model fer-photos (the packaged model)" in err
     # without --model the packaged model is used: the next problem is the input's
     err = _one_line_error(capsys, ["infer", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     assert "no images under" in err

@@ -21,15 +21,15 @@ FPS = 2.0
 
 
 def _crop_labels(paths: list[Path]) -> list[tuple[str, float]]:
-    """The packaged model's label and confidence of each FER2013 face as it is (48x48, whole)."""
+    """The default packaged model's label and confidence of each FER2013 face as it is (48x48, whole)."""
     import torch
 
     from ray_fer.label.decode import decode_image
     from ray_fer.label.predictor import predict_probs
     from ray_fer.model import load_bundle
-    from ray_fer.model_ref import resolve_model
+    from ray_fer.model_ref import DEFAULT_MODEL, resolve_model
 
-    bundle, _ = load_bundle(resolve_model("fer2013"))
+    bundle, _ = load_bundle(resolve_model(DEFAULT_MODEL))
     x = torch.from_numpy(np.stack([decode_image(p.read_bytes(), 48)[0] for p in paths]))
     with torch.inference_mode():
         probs = predict_probs(bundle.build_model(), bundle.eval_preset(channels_last=False), x)
@@ -281,7 +281,7 @@ def test_predict_tracks_a_clip_and_draws_its_faces(clip, tmp_path):
 
     from ray_fer.label.predict import format_predictions, predict_files
 
-    result = predict_files("fer2013", [str(clip)], annotate=str(tmp_path / "annotated"))
+    result = predict_files("fer-photos", [str(clip)], annotate=str(tmp_path / "annotated"))
     rows = [r for r in result["predictions"] if r.get("track") is not None]
     assert {r["time_s"] for r in rows} == {k / FPS for k in range(16)}  # the first person is on screen throughout
     assert len({r["track"] for r in rows}) == 3 and len(result["tracks"]) == 3
