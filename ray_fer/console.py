@@ -144,10 +144,18 @@ def quiet_ray_in_process() -> None:
 def setup_worker() -> None:
     """Ray's worker_process_setup_hook: the driver's console settings in every worker process.
 
+    Also names the worker's own cluster in RAY_ADDRESS: Ray looks its address up again in places
+    (Ray Train's placement-group cleaner, a detached actor, calls the state API with "auto"), which
+    fails with a traceback ("Found multiple active Ray instances") where another Ray instance runs
+    on the machine, e.g. a second ray-fer command.
+
     It must never raise: a worker whose hook fails dies, and Ray retries its task for ever."""
     try:
         _log_package(verbose())
         quiet_ray_in_process()
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     except Exception:  # noqa: BLE001 - see above
         pass
 
