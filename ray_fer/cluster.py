@@ -15,7 +15,6 @@ from ray_fer.config import ConfigError, UserError
 
 
 _private_instance = False  # this process started the Ray it runs on (set by connect)
-_own_address: str | None = None  # the address of the private instance connect() started, put in RAY_ADDRESS
 
 
 def connect() -> bool:
@@ -25,18 +24,10 @@ def connect() -> bool:
 
     from ray_fer import console
 
-    global _private_instance, _own_address
+    global _private_instance
     if not ray.is_initialized():
-        if _own_address is not None and os.environ.get("RAY_ADDRESS") == _own_address:
-            del os.environ["RAY_ADDRESS"]  # the private instance this process started before, shut down since
         _private_instance = not os.environ.get("RAY_ADDRESS")
         ray.init(**console.ray_init_kwargs())  # joins RAY_ADDRESS or starts a local instance
-        if _private_instance:
-            # Ray looks its own address up again in places (Ray Train's placement-group cleaner calls
-            # the state API with address "auto"), which fails when another Ray instance runs on the
-            # machine ("Found multiple active Ray instances"): name this one
-            _own_address = ray.get_runtime_context().gcs_address
-            os.environ["RAY_ADDRESS"] = _own_address
     console.quiet_ray_in_process()
     return _private_instance
 

@@ -391,6 +391,17 @@ def annotate_photo(image, faces: Sequence[dict[str, Any]], empty_caption: str = 
     return out
 
 
+def unique_name(path: str, ext: str, taken: set[str], default: str = "file") -> str:
+    """<stem of path>.<ext>, or <stem>-2.<ext>, -3 ... where `taken` holds it already; added to `taken`."""
+    stem = storage.basename(path).rsplit(".", 1)[0] or default
+    name, k = f"{stem}.{ext}", 1
+    while name in taken:
+        k += 1
+        name = f"{stem}-{k}.{ext}"
+    taken.add(name)
+    return name
+
+
 def write_annotated(folder: str, rows: Sequence[dict[str, Any]]) -> list[str]:
     """Write each readable file of `rows` (predict rows, several per file with faces) with its
     faces drawn (annotate_photo) into `folder` as <name>.jpg (<name>-2.jpg ... where names
@@ -409,12 +420,7 @@ def write_annotated(folder: str, rows: Sequence[dict[str, Any]]) -> list[str]:
             continue
         with Image.open(io.BytesIO(storage.read_bytes(path)), formats=FORMATS) as im:
             picture = annotate_photo(ImageOps.exif_transpose(im), faces)
-        stem = storage.basename(path).rsplit(".", 1)[0] or "image"
-        name, k = f"{stem}.jpg", 1
-        while name in names:
-            k += 1
-            name = f"{stem}-{k}.jpg"
-        names.add(name)
+        name = unique_name(path, "jpg", names, default="image")
         buf = io.BytesIO()
         picture.save(buf, format="JPEG", quality=90)
         uri = storage.join(folder, name)

@@ -17,7 +17,6 @@ from ray_fer.config import UserError
 from ray_fer.label.datasets import AUTO_WHOLE_SIDE
 from ray_fer.faces.options import DETECT_SIZE, check_faces
 from ray_fer.images import check_tta
-from ray_fer.labels import CLASSES
 
 
 def predict_files(model: str, images: Sequence[str], *, tta: str = "none", top: int = 3, faces: str = "auto",
@@ -247,10 +246,10 @@ def format_predictions(result: dict[str, Any]) -> str:
             tops = "  ".join(f"{label} {p:.1%}" for label, p in r["top"])
             box = "  box " + ",".join(f"{v:g}" for v in r["box"]) if r.get("face_score") is not None else ""
             lines.append(f"{name(r):<{width}}  {r['label']:<9} {tops}{box}")
-    for t in result.get("tracks", []):
-        shares = sorted(((t[f"share_{c}"], c) for c in CLASSES), reverse=True)[:3]
-        lines.append(f"{t['path']} track {t['track']}: {t['faces']} faces, {t['first_s']:.1f}-{t['last_s']:.1f} s, "
-                     f"mostly {t['dominant']} (" + ", ".join(f"{c} {v:.0%}" for v, c in shares if v > 0) + ")")
+    if result.get("tracks"):
+        from ray_fer.video.summary import format_tracks
+
+        lines.append(format_tracks(result["tracks"]))
     for path in result.get("annotated", []):
         lines.append(f"annotated: {path}")
     return "\n".join(lines)

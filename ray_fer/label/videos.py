@@ -125,7 +125,7 @@ def report_videos(labels: str, output: str | None = None) -> dict[str, Any]:
 
     from ray_fer.config import UserError
     from ray_fer.labels import CLASSES
-    from ray_fer.report import plot_timeline
+    from ray_fer.report import plot_timeline, unique_name
     from ray_fer.store.journal import SUCCESS_FILE
     from ray_fer.video.summary import format_tracks, to_csv, track_summary
 
@@ -148,16 +148,10 @@ def report_videos(labels: str, output: str | None = None) -> dict[str, Any]:
     names: set[str] = set()
     timelines = []
     for video in sorted(set(rows["path"].to_pylist())):
-        stem = storage.basename(video).rsplit(".", 1)[0] or "video"
-        name, k = f"{stem}.png", 1
-        while name in names:
-            k += 1
-            name = f"{stem}-{k}.png"
-        names.add(name)
-        uri = storage.join(output, "timelines", name)
+        uri = storage.join(output, "timelines", unique_name(video, "png", names, default="video"))
         storage.write_bytes(uri, plot_timeline(rows.filter(pc.equal(rows["path"], video)), title=video))
         timelines.append(uri)
-    print(format_tracks(summary), flush=True)
+    print(format_tracks(summary.to_pylist()), flush=True)
     return {"labels": labels, "videos": len(timelines), "tracks": summary.num_rows,
             "tracks_parquet": storage.join(output, "tracks.parquet"), "tracks_csv": storage.join(output, "tracks.csv"),
             "timelines": storage.join(output, "timelines")}

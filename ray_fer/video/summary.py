@@ -58,10 +58,11 @@ def _schema(classes: Sequence[str]) -> pa.Schema:
                      + [(f"mean_prob_{c}", pa.float64()) for c in classes])
 
 
-def format_tracks(summary: pa.Table, classes: Sequence[str] = CLASSES, top: int = 3) -> str:
-    """A short text per track: '<video> track 0: 12 faces, 0.0-5.5 s, happy 67%, neutral 25%, ...'."""
+def format_tracks(summary: Sequence[dict[str, Any]], classes: Sequence[str] = CLASSES, top: int = 3) -> str:
+    """A line per track (rows of `track_summary`):
+    '<video> track 0: 12 faces, 0.0-5.5 s, mostly happy (happy 67%, neutral 25%, ...)'."""
     lines = []
-    for r in summary.to_pylist():
+    for r in summary:
         shares = sorted(((r[f"share_{c}"], c) for c in classes), reverse=True)[:top]
         mix = ", ".join(f"{c} {s:.0%}" for s, c in shares if s > 0)
         lines.append(f"{r['path']} track {r['track']}: {r['faces']} faces, {r['first_s']:.1f}-{r['last_s']:.1f} s, "
