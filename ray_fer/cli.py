@@ -17,6 +17,10 @@ FACES_HELP = ("auto (the default): images up to 128 px, such as FER2013's 48x48 
               "the others are searched for faces; detect: find, align and label every face (one row per face); "
               "whole: label each whole image (stores of face crops)")
 
+MODEL_HELP = ("fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), a model.pt "
+              "written by `ray-fer train` (local or s3://) or its run folder, or an MLflow model URI "
+              "(runs:/<run id>/model, models:/<name>/<version>)")
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune EfficientNet-B0 with Ray Train")
@@ -37,8 +41,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="label an image folder, s3:// prefix or manifest into a Parquet data set")
-    p.add_argument("--model", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt written by "
-                   "`ray-fer train` (local or s3://) or its run folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--input", help="image folder, s3://bucket/prefix, or a .parquet/.csv manifest with a path column")
     p.add_argument("--output", help="folder or s3://bucket/prefix for the Parquet data set")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
@@ -81,8 +84,7 @@ def _list(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and a confusion matrix on a labelled folder")
-    p.add_argument("--model", default="fer-photos", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt "
-                   "written by `ray-fer train` (local or s3://) or its run folder")
+    p.add_argument("--model", default="fer-photos", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="labelled image folder <class>/*.jpg (local or s3://), "
                    "e.g. ../shared/data/fer2013/val")
     p.add_argument("--output", help="folder for metrics.json, confusion_matrix.png and report.md "
@@ -93,6 +95,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-per-class", type=int, metavar="N", help="evaluate at most N images per class")
     p.add_argument("--faces", default="auto", help=FACES_HELP + "; where faces are detected, an image's "
                    "prediction is its largest face's")
+    p.add_argument("--tracking", default="none", help="mlflow: log the figures and the report to the model's "
+                   "training run in MLflow, or a new run (MLFLOW_TRACKING_URI; unset: the store the model's run "
+                   "folder names, else ./runs/mlflow.db); default: none")
     p.set_defaults(func=_evaluate)
 
 
@@ -100,7 +105,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from ray_fer.label.evaluate import evaluate_folder
 
     return evaluate_folder(args.model, args.data, output=args.output, tta=args.tta, precision=args.precision,
-                           limit_per_class=args.limit_per_class, faces=args.faces)
+                           limit_per_class=args.limit_per_class, faces=args.faces, track=args.tracking)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -127,8 +132,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label a few image files and show the top probabilities")
-    p.add_argument("--model", default="fer-photos", help="fer-photos (the packaged model, the default; fer2013: the one trained on FER2013 alone), or a model.pt "
-                   "written by `ray-fer train` (local or s3://) or its run folder")
+    p.add_argument("--model", default="fer-photos", help=MODEL_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: 3)")

@@ -148,6 +148,10 @@ class RunSection:
     # auto: a re-used name resumes only if the settings that shape the weights are unchanged;
     # force: resume anyway, training on with the new settings
     resume: Literal["auto", "force"] = "auto"
+    # mlflow: log the run to MLflow (MLFLOW_TRACKING_URI, else <storage_path>/mlflow.db): its
+    # settings, every epoch's metrics, the report and the model (pip install 'ray-fer[mlflow]')
+    tracking: Literal["none", "mlflow"] = "none"
+    experiment: str = "ray-fer"  # the MLflow experiment of the run (created when missing)
 
     def check(self) -> None:
         if not self.name or "/" in self.name:
@@ -159,6 +163,8 @@ class RunSection:
             _at_least("run.cpus_per_worker", self.cpus_per_worker, 1)
         _at_least("run.max_failures", self.max_failures, 0)
         _at_least("run.checkpoints_to_keep", self.checkpoints_to_keep, 1)
+        if not self.experiment:
+            raise ConfigError("run.experiment is empty: name the MLflow experiment, e.g. --set run.experiment=ray-fer")
 
 
 @dataclass

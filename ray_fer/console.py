@@ -34,6 +34,7 @@ _NOT_ACTIONABLE = r"has constructor arguments in the object store"
 _QUIET_ENV = {
     "RAY_DISABLE_WORKER_LOG_PREFIX": "1",  # "(MapWorker(MapBatches(PredictorActor)) pid=123)" before every line
     "RAY_DEDUP_LOGS_SKIP_REGEX": _NOT_ACTIONABLE,
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow's own INFO lines ("Creating initial MLflow database tables...")
 }
 
 

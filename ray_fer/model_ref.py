@@ -31,6 +31,7 @@ PACKAGED_MODELS = {
 }
 DEFAULT_MODEL = "fer-photos"
 BUNDLE_FILE = "model.pt"  # a training run's exported best model, in its run folder (train/runs.py)
+MLFLOW_SCHEMES = ("runs:/", "models:/")  # MLflow model URIs (ray_fer.tracking)
 OPEN_CPUS = 0.25  # the task that opens a bundle: a moment of one core, before any labelling
 
 
@@ -53,11 +54,17 @@ def packaged_model(name: str) -> str | None:
 
 def resolve_model(uri: str) -> str:
     """A model bundle's URI: the file of a packaged model given by name (e.g. "fer2013"), the path
-    itself, or <run folder>/model.pt when given a run folder. A packaged model's name wins over a
-    local file or folder of that name: write ./fer2013 for those."""
+    itself, <run folder>/model.pt when given a run folder, or for an MLflow model URI
+    (runs:/<run id>/model, models:/<name>/<version>) its model.pt downloaded from the tracker
+    (`tracking.download_model`). A packaged model's name wins over a local file or folder of that
+    name: write ./fer2013 for those."""
     packaged = packaged_model(uri)
     if packaged is not None:
         return packaged
+    if uri.startswith(MLFLOW_SCHEMES):
+        from ray_fer.tracking import download_model
+
+        return download_model(uri)
     if storage.is_dir(uri):
         inner = storage.join(uri, BUNDLE_FILE)
         if not storage.exists(inner):
@@ -66,7 +73,8 @@ def resolve_model(uri: str) -> str:
         return inner
     if not storage.exists(uri):
         raise UserError(f"model {uri!r} does not exist; pass the model.pt that `ray-fer train` wrote "
-                        "(<run.storage_path>/<run.name>/model.pt), its run folder, or a packaged model: "
+                        "(<run.storage_path>/<run.name>/model.pt), its run folder, an MLflow model URI "
+                        "(runs:/<run id>/model, models:/<name>/<version>), or a packaged model: "
                         + ", ".join(PACKAGED_MODELS))
     return uri
 

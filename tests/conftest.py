@@ -1,11 +1,12 @@
 """Shared fixtures: the FER2013 data, one local Ray instance per session, a real S3 server on loopback,
-a real two-node Ray cluster started with `ray start`, the small models the tests make, and helpers
+a real MLflow tracking server on loopback, a real two-node Ray cluster started with `ray start`, the small models the tests make, and helpers
 shared by several test files (imported as `from conftest import ...`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -289,6 +290,42 @@ def ray_local(s3_server):
                  runtime_env={"env_vars": {k: os.environ[k] for k in _AWS_VARS}})
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class MlflowServer:
+    uri: str  # http://127.0.0.1:<port>: what MLFLOW_TRACKING_URI takes
+    process: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback, as `mlflow server` runs it: runs and registered
+    models in SQLite, artifacts in a temporary folder served through the server."""
+    pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = root / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 90
+    while not _http_ok(f"{server.uri}/health"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+            raise RuntimeError(f"mlflow server did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+    yield server
+    os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
+    try:
+        process.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # SQLite commits every request: nothing is lost
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 # --------------------------------------------------------------------------------------------

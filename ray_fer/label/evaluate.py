@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import time
 from typing import Any
 
 import pyarrow as pa
 
-from ray_fer import cluster, console
+from ray_fer import cluster, console, tracking
 
 from ray_fer.store import storage
 from ray_fer.config import UserError
@@ -24,7 +25,7 @@ from ray_fer.faces.options import check_detector, check_faces
 from ray_fer.images import check_tta
 from ray_fer.labels import CLASSES
 from ray_fer.metrics import MISSED, classification_metrics, expected_calibration_error
-from ray_fer.model_ref import PACKAGED_MODELS, ModelFile
+from ray_fer.model_ref import MLFLOW_SCHEMES, PACKAGED_MODELS, ModelFile
 from ray_fer.schema import FACE_COLUMNS, files_in
 from ray_fer.label.pipeline import open_model, prediction_dataset
 from ray_fer.report import write_evaluation
@@ -43,6 +44,7 @@ def evaluate_folder(
     precision: str = "auto",
     limit_per_class: int | None = None,
     faces: str = "auto",
+    track: str = "none",
 ) -> dict[str, Any]:
     """Run a model bundle over a labelled image folder (local or s3://) and write the evaluation.
 
@@ -57,6 +59,9 @@ def evaluate_folder(
     largest face's; an image without a face counts as a miss for its class (num_no_face, and
     each class's `missed`), and predictions.parquet holds one row per face. `ece` is the expected
     calibration error of the labelled images' confidences.
+
+    `track` "mlflow" logs the figures and the report's files to the model's training run in MLflow
+    (or a new run; `tracking.log_evaluation`); the tracker is checked before any work.
     """
     check_tta(tta)
     check_faces(faces)
@@ -64,9 +69,15 @@ def evaluate_folder(
         check_detector()
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
+    if track not in tracking.TRACKERS:
+        raise UserError(f"unknown tracking {track!r}; choose one of: {', '.join(tracking.TRACKERS)}")
     model_file = ModelFile.read(model)
     model_uri = model_file.uri
     table = _list_labelled(data, limit_per_class)
+    tracker = None
+    if track == "mlflow":
+        tracker = tracking.evaluation_tracker(model_uri)
+        tracking.check_tracker(tracker, "--tracking mlflow")
     cluster.connect()
     cluster.refuse_local_paths({"--data": data})
     ref = open_model(model_file)
@@ -131,6 +142,17 @@ def evaluate_folder(
     paths = write_evaluation(output, metrics)
     paths["predictions"] = storage.join(output, PREDICTIONS_FILE)
     _write_parquet(paths["predictions"], predictions)
+    tracked = {}
+    if tracker is not None:
+        try:
+            tracked = tracking.log_evaluation(
+                tracker, model_id=model_id, name=storage.basename(output), metrics=metrics,
+                files={k: paths[k] for k in ("metrics", "confusion_matrix", "report")},
+                params={"model": model, "model_id": model_id, "data": metrics["data"], "tta": tta, "faces": faces,
+                        "precision": precision})
+            log.info("MLflow: logged the evaluation to run %s", tracked["mlflow_run_id"])
+        except Exception as e:
+            log.warning("MLflow did not take the evaluation (%s); its files are in %s", tracking.short_error(e), output)
     found = f", a face found in {metrics['num_images'] - no_face}" if face_columns else ""
     log.info("accuracy %.2f%%, macro-F1 %.3f, ECE %.3f on %d images%s (tta %s); report: %s",
              100 * metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["num_images"], found, tta,
@@ -142,6 +164,7 @@ def evaluate_folder(
         "images": metrics["num_images"], "errors": len(failed), **({"no_face": no_face} if face_columns else {}),
         "tta": tta, "model": model_id,
         "seconds": metrics["seconds"], "images_per_s": metrics["images_per_s"], "output": output, **paths,
+        **tracked,
     }
 
 
@@ -152,6 +175,9 @@ def _default_output(model: str, model_uri: str, data: str, tta: str) -> str:
         data = os.path.abspath(data)
     if model in PACKAGED_MODELS:
         return os.path.join(os.path.abspath("eval"), model, f"{storage.basename(data)}-{tta}")
+    if model.startswith(MLFLOW_SCHEMES):  # downloaded into a temporary folder: ./eval/runs-<id>-model/...
+        return os.path.join(os.path.abspath("eval"), re.sub(r"[^\w.@-]+", "-", model).strip("-"),
+                            f"{storage.basename(data)}-{tta}")
     if not storage.is_remote(model_uri):
         model_uri = os.path.abspath(model_uri)
     return storage.join(model_uri.rsplit("/", 1)[0], "eval", f"{storage.basename(data)}-{tta}")

@@ -146,7 +146,7 @@ def bundle_from_state(state: dict[str, Any], history: list[dict[str, Any]]) -> "
 RESUMABLE = frozenset({
     "train.epochs", "train.fail_at_epoch", "train.ema_decay", "train.amp", "train.channels_last", "train.compile",
     "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.max_failures", "run.checkpoints_to_keep", "run.export",
-    "run.shared_storage",
+    "run.shared_storage", "run.tracking", "run.experiment",
 })
 # Not settings of the run: its folder (the same by definition) and how this start treats it
 _NOT_COMPARED = ("run.name", "run.storage_path", "run.resume")

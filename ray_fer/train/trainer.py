@@ -4,7 +4,8 @@ faces (`training_dataset`), runs data-parallel training with Ray Train V2 (gloo 
 GPU; each worker runs `loop.train_loop_per_worker`), keeps the best checkpoints by val_loss,
 exports the best one as a model bundle and returns a JSON-able summary. Re-running the same
 `run.name` resumes it when the settings that shape the weights are unchanged (see
-`runs.plan_resume`).
+`runs.plan_resume`). With run.tracking=mlflow the run is logged to MLflow as it goes (`tracking`:
+the driver and Ray Train's controller log; the workers do not).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from functools import partial
 from typing import Any
 
 import pyarrow as pa
+from ray.train import UserCallback
 
-from ray_fer import cluster, console
+from ray_fer import cluster, console, tracking
 from ray_fer.config import ConfigError, TrainJobConfig
 from ray_fer.faces.options import check_detector
 from ray_fer.faces.views import faces_of_photos, with_face_views
@@ -27,8 +29,8 @@ from ray_fer.report import write_training_report
 from ray_fer.store import storage
 from ray_fer.store.lease import Lease, new_run_id
 from ray_fer.train.loop import steps_per_epoch, train_loop_per_worker
-from ray_fer.train.runs import (BUNDLE_FILE, best_state_and_history, bundle_from_state, load_state, plan_resume,
-                                record_start, run_dir, storage_root)
+from ray_fer.train.runs import (BUNDLE_FILE, CONFIG_FILE, STARTS_FILE, Resume, best_state_and_history,
+                                bundle_from_state, load_state, plan_resume, record_start, run_dir, storage_root)
 
 log = logging.getLogger(__name__)
 
@@ -128,26 +130,71 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     The run folder's lease (store/lease.py) is held throughout: a second start of a live run is
     refused in one line naming it, before Ray starts; the lease of a dead one is taken over."""
     cfg.check()
+    tracker = None
+    if cfg.run.tracking == "mlflow":  # MLflow installed and its tracker answering, before anything else
+        tracker = tracking.tracking_uri(storage_root(cfg))
+        tracking.check_tracker(tracker, "run.tracking=mlflow")
     lease = Lease.acquire(run_dir(cfg), new_run_id(), what="run folder",
                           fix="pick another run.name (re-using a name resumes that run)")
     try:
-        return _train(cfg, lease)
+        return _train(cfg, lease, tracker)
     finally:
         lease.release()
 
 
-def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
+def _train(cfg: TrainJobConfig, lease: Lease, tracker: str | None) -> dict[str, Any]:
+    resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
+    if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
+        tracked = _start_tracking(cfg, tracker, resume)  # logs what the tracker missed, if anything
+        with lease.fence("export"):
+            return export_best(cfg, *best_state_and_history(run_dir(cfg), cfg.run.export), tracked=tracked)
+    tables = check_inputs(cfg)
+    steps_per_epoch(_train_rows(cfg, tables[0], tables[1]), tables[2].num_rows, cfg)  # before Ray: listed counts
+    tracked = _start_tracking(cfg, tracker, resume)
+    try:
+        return _fit(cfg, lease, resume, *tables, tracked=tracked)
+    except BaseException as e:
+        if tracked is not None:
+            tracking.fail_training_run(tracked, e)
+        raise
+
+
+def _train_rows(cfg: TrainJobConfig, train_table: pa.Table, extra_table: pa.Table | None) -> int:
+    return train_table.num_rows + (extra_table.num_rows * cfg.data.extra_repeat if extra_table else 0)
+
+
+def _start_tracking(cfg: TrainJobConfig, tracker: str | None, resume: Resume | None) -> tracking.TrackedRun | None:
+    if tracker is None:
+        return None
+    return tracking.start_training_run(tracker, name=cfg.run.name, experiment=cfg.run.experiment,
+                                       run_folder=run_dir(cfg), config=asdict(cfg),
+                                       after_epoch=resume.epochs_done if resume else 0)
+
+
+class TrackEpochs(UserCallback):
+    """Logs each epoch's metrics, as rank 0 reported them, to the run's MLflow run. Ray Train calls
+    it on its controller, which runs on the driver's node; a tracker that fails costs a warning."""
+
+    def __init__(self, run: tracking.TrackedRun) -> None:
+        self.run = run
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        try:
+            tracking.log_epochs(self.run, [metrics[0]])
+        except Exception as e:
+            log.warning("MLflow did not take epoch %s's metrics (%s); training goes on, and the run's end logs "
+                        "what the tracker missed", metrics[0]["epoch"], tracking.short_error(e))
+
+
+def _fit(cfg: TrainJobConfig, lease: Lease, resume: Resume | None, train_table: pa.Table,
+         extra_table: pa.Table | None, val_table: pa.Table, *, tracked: tracking.TrackedRun | None) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
-    if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
-        with lease.fence("export"):
-            return export_best(cfg, *best_state_and_history(run_dir(cfg), cfg.run.export))
-    train_table, extra_table, val_table = check_inputs(cfg)
-    train_rows = train_table.num_rows + (extra_table.num_rows * cfg.data.extra_repeat if extra_table else 0)
-    steps_per_epoch(train_rows, val_table.num_rows, cfg)  # before Ray: from the listed counts
+    train_rows = _train_rows(cfg, train_table, extra_table)
     started_here = cluster.connect()
     cluster.refuse_local_paths(
         {"run.storage_path": cfg.run.storage_path, "data.train": cfg.data.train, "data.val": cfg.data.val}
@@ -195,6 +242,7 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
                 checkpoint_score_order="min",
             ),
             logging_config=console.train_logging_config(),
+            callbacks=[TrackEpochs(tracked)] if tracked is not None else None,
         ),
         datasets=datasets,
     )
@@ -203,16 +251,18 @@ def _train(cfg: TrainJobConfig, lease: Lease) -> dict[str, Any]:
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name!r} finished without a checkpoint")
     with lease.fence("export"):  # a run whose lease was taken over while it trained exports nothing
-        return export_best(cfg, load_state(best), load_state(result.checkpoint)["history"])
+        return export_best(cfg, load_state(best), load_state(result.checkpoint)["history"], tracked=tracked)
 
 
-def export_best(cfg: TrainJobConfig, best_state: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write the best checkpoint's state as the run's model bundle; return the summary."""
+def export_best(cfg: TrainJobConfig, best_state: dict[str, Any], history: list[dict[str, Any]], *,
+                tracked: tracking.TrackedRun | None = None) -> dict[str, Any]:
+    """Write the best checkpoint's state as the run's model bundle; return the summary. With a
+    tracked run, log the end of it (tracking.finish_training_run)."""
     bundle_uri = storage.join(run_dir(cfg), BUNDLE_FILE)
     model_id = save_bundle(bundle_from_state(best_state, history), bundle_uri)
     best_metrics = best_state["metrics"]
     report = write_training_report(run_dir(cfg), history, best_metrics["epoch"])  # curves.png, metrics.csv
-    return {
+    summary = {
         "run": cfg.run.name,
         "epochs": history[-1]["epoch"] if history else 0,
         "best_epoch": best_metrics["epoch"],
@@ -222,3 +272,9 @@ def export_best(cfg: TrainJobConfig, best_state: dict[str, Any], history: list[d
         "model_id": model_id,
         "curves": report.get("curves"),
     }
+    if tracked is not None:
+        folder = run_dir(cfg)
+        files = [storage.join(folder, CONFIG_FILE), storage.join(folder, STARTS_FILE), *report.values()]
+        tracking.finish_training_run(tracked, history=history, files=files, bundle=bundle_uri, summary=summary)
+        summary |= {"mlflow_run_id": tracked.run_id, "mlflow_tracking_uri": tracked.tracking_uri}
+    return summary
