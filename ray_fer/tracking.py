@@ -304,8 +304,10 @@ def _log_model(client, run: TrackedRun, bundle: str, model_id: str, epochs: int,
 
 
 def fail_training_run(run: TrackedRun, error: BaseException) -> None:
-    """Mark the run FAILED (KILLED for Ctrl-C), with the error as a tag; a warning if it cannot."""
-    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    """Mark the run FAILED (KILLED for Ctrl-C), with the error as a tag; a warning if it cannot.
+    Ray Train's own Ctrl-C handler aborts the run and exits (SystemExit), Python's raises
+    KeyboardInterrupt: both are KILLED."""
+    status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
     try:
         with _quick_requests():
             client = run.client()
