@@ -8,7 +8,11 @@ Prints, each a median of repeated timings after warm-up:
 4. face labelling photos/s end to end (`--faces detect`, files -> Parquet) on 1280x960 JPEGs with
    1-4 FER2013 faces pasted in (bench/synthetic_faces.py), and the detector alone on the device
    (batches of 64 detection copies already decoded) as its bound. It needs FER2013 crops to
-   paste (--face-crops, default ../shared/data/fer2013/val); without them this part is skipped.
+   paste (--face-crops, default ../shared/data/fer2013/val); without them this part is skipped;
+5. video labelling sampled 1080p frames/s end to end (`ray-fer infer`, video files -> Parquet,
+   every frame sampled: --fps 0) on generated 1080p25 H.264 videos with FER2013 faces moving across
+   (bench_video.make; also needs --face-crops' FER2013), and what that is in hours of video per
+   hour at the default --fps 2.
 
 It makes its own data: synthetic 48x48 grayscale JPEGs in the FER2013 layout (no data set needs to
 travel). On a machine without a GPU it runs the same code paths on the CPU with smaller sizes
@@ -41,9 +45,11 @@ from ray_fer.labels import CLASSES
 # Per mode: image size, per-worker train batch, synthetic train / label image counts, epochs.
 SIZES = {
     "gpu": dict(image_size=224, batch_size=256, train_images=24_000, label_images=160_000, epochs=3,
-                face_photos=6_000),
-    "cpu": dict(image_size=64, batch_size=32, train_images=1_400, label_images=3_000, epochs=3, face_photos=60),
+                face_photos=6_000, videos=8, video_seconds=120),
+    "cpu": dict(image_size=64, batch_size=32, train_images=1_400, label_images=3_000, epochs=3, face_photos=60,
+                videos=1, video_seconds=12),
 }
+VIDEO_FPS = 25  # the generated videos' frame rate (bench_video.make)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -288,6 +294,40 @@ def bench_faces(folder: Path, model: str, out_dir: Path, *, repeats: int) -> dic
         f"faces_{k}": v for k, v in gpu.summary().items()}
 
 
+def _write_video(args: tuple[str, float, int]) -> None:
+    from bench_video import make  # bench/ is on sys.path when this file runs as a script
+
+    path, minutes, seed = args
+    make(Path(path), minutes, seed=seed)
+
+
+def make_video_folder(folder: Path, videos: int, seconds: int, workers: int) -> int:
+    """`videos` 1080p25 H.264 videos of `seconds` each (bench_video.make); returns their frames."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"v{i}.mp4"), seconds / 60, i) for i in range(videos)]
+    with ProcessPoolExecutor(max_workers=min(workers, videos)) as pool:
+        list(pool.map(_write_video, jobs))
+    return videos * seconds * VIDEO_FPS
+
+
+def bench_videos(folder: Path, frames: int, out_dir: Path, *, repeats: int) -> dict:
+    """Sampled frames/s of `ray-fer infer --fps 0` (every frame) over the videos, with the packaged
+    model, start-up included; median of `repeats`."""
+    from ray_fer.config import InferConfig, load_config
+    from ray_fer.label.infer import label_images
+
+    rates = []
+    with GpuSampler() as gpu:
+        for i in range(repeats):
+            cfg = load_config(InferConfig, None, {"input": str(folder), "output": str(out_dir / f"r{i}"), "fps": 0})
+            t0 = time.perf_counter()
+            summary = label_images(cfg)
+            rates.append(frames / (time.perf_counter() - t0))
+            assert summary["errors"] == 0, summary
+    return {"video_frames_s_runs": rates, "video_frames_s": statistics.median(rates), "video_frames": frames,
+            "video_faces": summary["faces"]} | {f"video_{k}": v for k, v in gpu.summary().items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
@@ -297,7 +337,8 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as JSON here too")
     ap.add_argument("--face-crops", default=str(REPO.parent / "shared" / "data" / "fer2013" / "val"),
                     help="FER2013 class folders whose faces are pasted into the face-labelling photos")
-    for key in ("image_size", "batch_size", "train_images", "label_images", "epochs", "face_photos"):
+    for key in ("image_size", "batch_size", "train_images", "label_images", "epochs", "face_photos", "videos",
+                "video_seconds"):
         ap.add_argument("--" + key.replace("_", "-"), type=int)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -357,6 +398,13 @@ def main() -> None:
             results["faces_ratio"] = results["faces_photos_s"] / results["faces_detector_only_photos_s"]
         else:
             print(f"4. face labelling skipped: no FER2013 class folders at {crops} (--face-crops)", flush=True)
+        if sizes["videos"] and any(crops.glob("*/*.jpg")):
+            t0 = time.perf_counter()
+            frames = make_video_folder(work / "videos", sizes["videos"], sizes["video_seconds"], cpus)
+            print(f"{sizes['videos']} videos of {sizes['video_seconds']} s written in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            results |= bench_videos(work / "videos", frames, work / "video-labels", repeats=2)
+            print(json.dumps({k: v for k, v in results.items() if k.startswith("video")}), flush=True)
         ray.shutdown()
 
     print()
@@ -373,6 +421,10 @@ def main() -> None:
         print(f"4. faces      ray-fer {results['faces_photos_s']:9.0f} photos/s detector-only "
               f"{results['faces_detector_only_photos_s']:9.0f} photos/s ratio {results['faces_ratio']:.2f}   "
               f"(GPU target >= 500 photos/s; {results['faces_found']:,} faces)")
+    if "video_frames_s" in results:
+        print(f"5. videos     ray-fer {results['video_frames_s']:9.0f} sampled 1080p frames/s (every frame of "
+              f"{results['video_frames']:,}), {results['video_frames_s'] / 2:,.0f} hours of video per hour at --fps 2   "
+              f"(GPU target >= 1,000 frames/s)")
     print(json.dumps(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -142,6 +142,7 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
     and one error row (`time_s` where it broke; NaN where the file could not be opened) where
     decoding breaks.
     """
+    from ray_fer.label.videos import SEGMENT_COLUMNS
     from ray_fer.video.decode import VideoError, decode_frames
 
     whole_max_side = AUTO_WHOLE_SIDE if faces == "auto" else 0
@@ -149,7 +150,7 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
     starts = np.asarray(batch.get("video_start", np.full(len(paths), np.nan)), dtype=np.float64)
     ends = np.asarray(batch.get("video_end", np.full(len(paths), np.nan)), dtype=np.float64)
     sizes = ("width", "height", "detect_height", "detect_width", "gray_height", "gray_width")
-    passed = {k: np.asarray(v) for k, v in batch.items() if k not in ("video_start", "video_end")}
+    passed = {k: np.asarray(v) for k, v in batch.items() if k not in SEGMENT_COLUMNS}
     rows: list[dict[str, Any]] = []
     held = 0  # bytes of decoded photos gathered
 
@@ -249,9 +250,11 @@ def decoded_dataset(source: Any, *, decode_size: int, decode_batch_size: int = D
         from ray_fer.label.videos import EXPAND_CPUS, expand_videos
 
         # on another share of a CPU than the decode stage, so that Ray Data does not fuse the two:
-        # each segment's block is then a decode task of its own
+        # each segment's block is then a decode task of its own (fused, one task decoded every
+        # segment of a video in turn: measured, a 5-minute video's 5 segments in one 30 s task)
+        expand_cpus = EXPAND_CPUS if EXPAND_CPUS != num_cpus else EXPAND_CPUS / 2
         ds = ds.map_batches(expand_videos, fn_kwargs={"segment_s": videos.segment_s}, batch_size=None,
-                            batch_format="pyarrow", num_cpus=EXPAND_CPUS)
+                            batch_format="pyarrow", num_cpus=expand_cpus)
     if photos:
         fn, kwargs = decode_photos, {"decode_size": decode_size, "detect_size": detect_size, "faces": faces,
                                      "fps": videos.fps if videos is not None else 0.0}

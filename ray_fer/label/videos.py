@@ -36,16 +36,26 @@ from ray_fer.video.decode import VideoError, probe, segments
 EXPAND_CPUS = 0.25  # a header read per video: light, and not the decode stage's share (see decoded_dataset)
 
 
+SEGMENT_COLUMNS = ("video_start", "video_end", "video_pad")  # what expand_videos adds and the decode task takes off
+_MAX_PAD = 8 * 1024**2  # the most bytes a segment's row is padded with (see expand_videos)
+
+
 def expand_videos(batch: pa.Table, *, segment_s: float) -> Iterator[pa.Table]:
-    """Ray Data batch function: the images of the block as one block, then one block per segment
-    of each video (`video_start`, `video_end` in seconds; NaN for images). A video whose header
-    cannot be read becomes one segment (0, inf): its decode task finds the same reason and writes
-    the error row."""
+    """Ray Data batch function: one block per segment of each video (`video_start`, `video_end`
+    in seconds), then the images of the block as one block (their bounds NaN). A video whose
+    header cannot be read becomes one segment (0, inf): its decode task finds the same reason and
+    writes the error row.
+
+    Ray Data joins what a task yields into blocks of up to DataContext.target_max_block_size
+    bytes, and a segment's row is a few bytes: joined, one decode task would decode every segment
+    of a block in turn (measured: a 5-minute video's five segments in one 28 s task). So each
+    segment's row carries `video_pad`, zero bytes as many as that limit, which makes it a block
+    of its own, and so a decode task of its own; the decode task drops it."""
+    import ray.data
+
     is_video = video_mask(batch["path"]).to_numpy(zero_copy_only=False)
-    nan = np.full(batch.num_rows, np.nan)
-    with_bounds = batch.append_column("video_start", pa.array(nan)).append_column("video_end", pa.array(nan))
-    if not is_video.all():
-        yield with_bounds.filter(pa.array(~is_video))
+    target = ray.data.DataContext.get_current().target_max_block_size
+    pad = b"\0" * (target + 1) if target is not None and target < _MAX_PAD else b""
     for i in np.flatnonzero(is_video):
         row = batch.slice(int(i), 1)
         try:
@@ -53,7 +63,13 @@ def expand_videos(batch: pa.Table, *, segment_s: float) -> Iterator[pa.Table]:
         except (VideoError, FileNotFoundError, OSError):
             duration = math.nan
         for start, end in segments(duration, segment_s):
-            yield row.append_column("video_start", pa.array([start])).append_column("video_end", pa.array([end]))
+            yield (row.append_column("video_start", pa.array([start])).append_column("video_end", pa.array([end]))
+                   .append_column("video_pad", pa.array([pad], pa.binary())))
+    if not is_video.all():  # last: a block joined to a segment's would join their decode tasks
+        images = batch.filter(pa.array(~is_video))
+        nan = pa.array(np.full(images.num_rows, np.nan))
+        yield (images.append_column("video_start", nan).append_column("video_end", nan)
+               .append_column("video_pad", pa.nulls(images.num_rows, pa.binary())))
 
 
 def finish_video(rows: pa.Table) -> pa.Table:
