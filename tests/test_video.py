@@ -300,3 +300,28 @@ def test_predict_tracks_a_clip_and_draws_its_faces(clip, tmp_path):
                        for row in range(y + h - 2, min(y + h + 2, 360)))
             assert edge > 15, (k, r["box"], edge)  # a mean over the edge: grey (neutral) on a grey backdrop is ~25
         assert np.abs(drawn[k][-20:, :20] - plain[k][-20:, :20]).mean() < 8
+
+
+@pytest.mark.integration
+def test_each_segment_of_a_video_is_a_decode_task_of_its_own(clip, video_folder, ray_local):
+    """Ray Data joins the small tables a task yields into blocks of DataContext.target_max_block_size
+    bytes; a segment's row must stay a block of its own, or one decode task decodes them all in turn."""
+    import pyarrow as pa
+    import ray.data
+
+    from ray_fer.label.inputs import blocks_of
+    from ray_fer.label.videos import expand_videos
+
+    root, _ = video_folder
+    photo = next(p for p in root.iterdir() if p.suffix.lower() == ".jpg")
+    paths = [str(clip), str(photo), str(root / "people.mp4"), str(photo)]  # 8 s each: 3 segments of 3 s
+
+    def rows_per_block(block: pa.Table) -> pa.Table:  # what each decode task would be given
+        return pa.table({"rows": [block.num_rows], "videos": [int(np.isfinite(block["video_start"].to_numpy()).sum())]})
+
+    with blocks_of(2048):  # as a listing's blocks are made: one block of the four paths
+        ds = ray.data.from_arrow(pa.table({"path": paths}))
+    seen = (ds.map_batches(expand_videos, fn_kwargs={"segment_s": 3.0}, batch_size=None, batch_format="pyarrow",
+                           num_cpus=0.2)
+            .map_batches(rows_per_block, batch_size=None, batch_format="pyarrow", num_cpus=0.25).take_all())
+    assert sorted((r["rows"], r["videos"]) for r in seen) == [(1, 1)] * 6 + [(2, 0)], seen
