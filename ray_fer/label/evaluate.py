@@ -70,7 +70,7 @@ def evaluate_folder(
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
     if track not in tracking.TRACKERS:
-        raise UserError(f"unknown tracking {track!r}; choose one of: {', '.join(tracking.TRACKERS)}")
+        raise UserError(f"unknown --tracking {track!r}; choose one of: {', '.join(tracking.TRACKERS)}")
     model_file = ModelFile.read(model)
     model_uri = model_file.uri
     table = _list_labelled(data, limit_per_class)
