@@ -15,6 +15,7 @@ one call -> rows:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,39 @@ from ray_fer.label.predictor import Predictor, arrow_column, no_error, with_non_
 DETECT_CHUNK = {"cpu": 4, "cuda": 64}
 
 
+PIXEL_COLUMNS = ("detect", "gray")  # a photo's (or frame's) two copies: megabytes a row
+
+
+def numpy_batch(table: pa.Table) -> dict[str, Any]:
+    """A pyarrow batch as the dict of NumPy arrays the predictor reads, with each row's photo
+    copies as read-only NumPy views on the Arrow buffers rather than bytes objects: a sampled
+    1080p frame is 2.7 MB, and each copy of it costs more than its detection's share on a CPU
+    (docs/labelling.md#measured)."""
+    from ray.data.block import BlockAccessor
+
+    light = [c for c in table.column_names if c not in PIXEL_COLUMNS]
+    out = BlockAccessor.for_block(table.select(light)).to_batch_format("numpy")
+    for name in PIXEL_COLUMNS:
+        if name in table.column_names:
+            out[name] = _views(table[name])
+    return out
+
+
+def _views(column: pa.ChunkedArray) -> np.ndarray:
+    """The values of a binary column as an object array of uint8 views on its data buffers."""
+    views = np.empty(len(column), dtype=object)
+    i = 0
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        kind = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        bounds = np.frombuffer(offsets, dtype=kind)[chunk.offset:chunk.offset + len(chunk) + 1]
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, dtype=np.uint8)
+        for k in range(len(chunk)):
+            views[i] = raw[bounds[k]:bounds[k + 1]]
+            i += 1
+    return views
+
+
 class FacePredictor(Predictor):
     """Ray Data callable class for photos: the Predictor's model plus the face detector.
 
@@ -43,10 +77,14 @@ class FacePredictor(Predictor):
 
     def __init__(self, model: Any, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        # the gray copies are read-only views on Ray's buffers (numpy_batch); the crops only read them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         self.detector = FaceDetector(self.device)
         self.detect_chunk = DETECT_CHUNK[self.device.type]  # photos per detector pass; the model's rows per call stay `chunk`
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> pa.Table:
+        if isinstance(batch, pa.Table):
+            batch = numpy_batch(batch)
         n = len(batch["path"])
         ok = no_error(batch["error"]) if "error" in batch else np.ones(n, dtype=bool)
         width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
@@ -107,7 +145,7 @@ class FacePredictor(Predictor):
     def _align(self, batch: dict[str, np.ndarray], i: int, det: Detections) -> np.ndarray:
         """The aligned crops of one photo's faces, cut from its gray copy on the device."""
         gh, gw = int(batch["gray_height"][i]), int(batch["gray_width"][i])
-        gray = torch.frombuffer(bytearray(batch["gray"][i]), dtype=torch.uint8).reshape(gh, gw).to(self.device)
+        gray = torch.from_numpy(np.frombuffer(batch["gray"][i], dtype=np.uint8).reshape(gh, gw)).to(self.device)
         to_gray = np.array([gw / batch["width"][i], gh / batch["height"][i]], dtype=np.float32)
         matrices = align_matrices(det.landmarks * to_gray, self.decode_size)
         return crop_faces(gray, matrices, self.decode_size).cpu().numpy()
