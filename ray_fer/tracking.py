@@ -192,6 +192,13 @@ def start_training_run(uri: str, *, name: str, experiment: str, run_folder: str,
     again); otherwise a new run named after the training run is created and recorded there. The
     config is logged as parameters; settings changed by a resume, which MLflow keeps immutable
     as parameters, are tagged `config.<key>` with their new value."""
+    with _quick_requests():
+        return _start_training_run(uri, name=name, experiment=experiment, run_folder=run_folder, config=config,
+                                   after_epoch=after_epoch)
+
+
+def _start_training_run(uri: str, *, name: str, experiment: str, run_folder: str, config: Mapping[str, Any],
+                        after_epoch: int) -> TrackedRun:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -336,9 +343,16 @@ def log_evaluation(uri: str, *, model_id: str, name: str, metrics: Mapping[str, 
     to the training run that carries the model's id (tag model_id), else to a new run
     "evaluate <model id>" in the ray-fer experiment. Returns the run's id."""
     from mlflow import MlflowClient
+
+    with _quick_requests():
+        return _log_evaluation(MlflowClient(uri), uri, model_id=model_id, name=name, metrics=metrics, files=files,
+                               params=params)
+
+
+def _log_evaluation(client, uri: str, *, model_id: str, name: str, metrics: Mapping[str, Any],
+                    files: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_ID_TAG} = '{model_id}'",
                               order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
