@@ -67,11 +67,23 @@ def require_mlflow(what: str) -> None:
 def tracking_uri(local_root: str | None) -> str:
     """MLFLOW_TRACKING_URI; unset, the SQLite store in `local_root` (a local folder)."""
     if os.environ.get(ENV):
-        return os.environ[ENV]
+        return absolute(os.environ[ENV])
     if local_root is None or storage.is_remote(local_root):
         raise ConfigError(f"{ENV} is not set and {local_root!r} is not a local folder for the local MLflow store; "
                           f"set {ENV} to your tracking server (e.g. http://mlflow.internal:5000)")
     return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(local_root)), LOCAL_DB)
+
+
+def absolute(uri: str) -> str:
+    """A local store's URI with an absolute path (sqlite:///runs/mlflow.db is relative to the working
+    folder, which differs in Ray Train's controller); servers' URIs as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:") and not uri.startswith("file:///"):
+        return Path(uri.removeprefix("file:")).absolute().as_uri()
+    if "://" not in uri and ":" not in uri.split("/", 1)[0]:  # a bare path: MLflow's file store
+        return Path(uri).absolute().as_uri()
+    return uri
 
 
 def _local_artifacts(uri: str) -> str | None:
@@ -212,9 +224,12 @@ def _start_training_run(uri: str, *, name: str, experiment: str, run_folder: str
                 run = recorded
                 client.update_run(run.run_id, status="RUNNING")
                 log.info("MLflow: continuing run %s after epoch %d: %s", run.run_id, after_epoch, run_link(run))
-        except Exception as e:  # deleted from the tracker: a new one
-            log.warning("the MLflow run %s this run folder names is not in %s (%s); starting a new one",
-                        recorded.run_id, uri, short_error(e))
+        except Exception as e:
+            if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise UserError(f"the MLflow tracker at {uri} did not give run {recorded.run_id} ({short_error(e)}); "
+                                "nothing was trained: run the command again once it answers") from None
+            log.warning("the MLflow run %s this run folder names is not in %s; starting a new one",
+                        recorded.run_id, uri)
     elif recorded is not None:
         log.warning("this run was tracked in %s; %s=%s now, so it gets a new MLflow run there",
                     recorded.tracking_uri, ENV, uri)
@@ -298,15 +313,22 @@ def _log_model(client, run: TrackedRun, bundle: str, model_id: str, epochs: int,
     existing = client.search_logged_models(
         experiment_ids=[run.experiment_id],
         filter_string=f"source_run_id = '{run.run_id}' AND name = '{MODEL_NAME}'")
-    if any(m.tags.get(MODEL_ID_TAG) == model_id for m in existing):
+    if any(m.tags.get(MODEL_ID_TAG) == model_id and m.status == LoggedModelStatus.READY for m in existing):
         return  # logged by an earlier end of this run (a re-export of the same checkpoint)
     folder.mkdir()
     (folder / storage.basename(bundle)).write_bytes(storage.read_bytes(bundle))
-    logged = client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id,
-                                        tags={MODEL_ID_TAG: model_id})
-    client.log_model_artifacts(logged.model_id, str(folder))
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=epochs)])
+    logged = client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id)
+    try:
+        client.log_model_artifacts(logged.model_id, str(folder))
+        client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=epochs)])
+        client.set_logged_model_tags(logged.model_id, {MODEL_ID_TAG: model_id})  # last: a tagged model is whole
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    except Exception:
+        try:
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except Exception:  # noqa: BLE001 - the tracker is away; the first error says so
+            pass
+        raise
     log.info("MLflow: logged the model as runs:/%s/%s (%s)", run.run_id, MODEL_NAME, logged.model_id)
 
 
@@ -332,7 +354,7 @@ def evaluation_tracker(model_file: str) -> str:
     """Where `ray-fer evaluate --tracking mlflow` logs: MLFLOW_TRACKING_URI; else the tracker that
     the run folder of the model file names (its mlflow.json); else the local store in ./runs."""
     if os.environ.get(ENV):
-        return os.environ[ENV]
+        return absolute(os.environ[ENV])
     recorded = read_run_file(model_file.rsplit("/", 1)[0]) if "/" in model_file else None
     return recorded.tracking_uri if recorded is not None else tracking_uri("runs")
 
@@ -351,18 +373,46 @@ def log_evaluation(uri: str, *, model_id: str, name: str, metrics: Mapping[str, 
 
 def _log_evaluation(client, uri: str, *, model_id: str, name: str, metrics: Mapping[str, Any],
                     files: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
-    from mlflow.entities import Metric, Param
-
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_ID_TAG} = '{model_id}'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    if runs:
-        run_id = runs[0].info.run_id
-    else:
+    run_id, created = _run_of_model(client, experiments, model_id), False
+    if run_id is None:
         experiment_id = _experiment_id(client, DEFAULT_EXPERIMENT, uri)
         run_id = client.create_run(experiment_id, run_name=f"evaluate {model_id[:12]}",
                                    tags={MODEL_ID_TAG: model_id}).info.run_id
-        client.log_batch(run_id, params=[Param(k, v) for k, v in flat_config(params).items()])
+        created = True
+    try:
+        _log_figures(client, run_id, name=name, metrics=metrics, files=files,
+                     params=flat_config(params) if created else {})
+    except BaseException:
+        if created:
+            client.set_terminated(run_id, "FAILED")
+        raise
+    if created:
+        client.set_terminated(run_id, "FINISHED")
+    return {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri}
+
+
+def _run_of_model(client, experiments: list[str], model_id: str) -> str | None:
+    """The training run that logged the model with this id (a resumed run keeps each model it
+    logged, while its own model_id tag names only the newest), else a run tagged with it."""
+    if not experiments:
+        return None
+    models = client.search_logged_models(experiment_ids=experiments,
+                                         filter_string=f"tags.{MODEL_ID_TAG} = '{model_id}'")
+    for model in models:
+        if model.source_run_id:
+            return model.source_run_id
+    runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_ID_TAG} = '{model_id}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _log_figures(client, run_id: str, *, name: str, metrics: Mapping[str, Any], files: Mapping[str, str],
+                 params: Mapping[str, str]) -> None:
+    from mlflow.entities import Metric, Param
+
+    if params:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     now = int(time.time() * 1000)
     name = re.sub(r"[^\w.\- /]", "_", name)  # what MLflow allows in metric keys
     prefix = f"eval.{name}."
@@ -376,7 +426,6 @@ def _log_evaluation(client, uri: str, *, model_id: str, name: str, metrics: Mapp
         for uri_ in files.values():
             Path(tmp, storage.basename(uri_)).write_bytes(storage.read_bytes(uri_))
         client.log_artifacts(run_id, tmp, artifact_path=f"eval/{name}")
-    return {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,17 +446,23 @@ def download_model(uri: str) -> str:
     runs:/<run id>/model is the model a training run logged; models:/<name>/<version> (or
     @<alias>) a version registered from it, e.g. with mlflow.register_model("runs:/<id>/model", name)."""
     require_mlflow(f"--model {uri}")
+    import mlflow
     import mlflow.artifacts
 
-    tracker = os.environ.get(ENV) or _local_default_for_models()
+    tracker = absolute(os.environ[ENV]) if os.environ.get(ENV) else _local_default_for_models()
     dst = tempfile.mkdtemp(prefix="ray-fer-model-")
     atexit.register(shutil.rmtree, dst, True)
+    before = os.environ.get(ENV)
     try:
         with _quick_requests():
+            # models:/ lookups inside MLflow read the process's tracking URI, not the argument
+            mlflow.set_tracking_uri(tracker)
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracker))
     except Exception as e:
         raise UserError(f"cannot fetch model {uri} from the MLflow tracker at {tracker} ({short_error(e)}); check the run "
                         f"id or model name and version, and {ENV}") from None
+    finally:
+        mlflow.set_tracking_uri(before)  # None: back to MLflow's default, and the variable unset
     found = [local] if local.is_file() else sorted(local.rglob("*.pt"))  # a training run logs its model.pt
     if len(found) != 1:
         raise UserError(f"{uri} holds {len(found)} .pt files where a ray-fer model holds one model.pt; pass the model "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -119,7 +120,11 @@ def test_evaluate_logs_to_the_models_run_through_a_registered_model(tracked_run,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(mlflow_server.uri)
-    version = mlflow.register_model(f"runs:/{summary['mlflow_run_id']}/model", "fer-tracked").version
+    try:
+        version = mlflow.register_model(f"runs:/{summary['mlflow_run_id']}/model", "fer-tracked").version
+    finally:
+        mlflow.set_tracking_uri(None)  # what a user's script sets stays out of the tests after this one
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # which the line above unset
     result = evaluate_folder(f"models:/fer-tracked/{version}", str(fer_root / "val"), limit_per_class=3,
                              faces="whole", track="mlflow")
     # the run's current model (a resume above may have exported a better epoch since)
@@ -135,17 +140,26 @@ def test_evaluate_logs_to_the_models_run_through_a_registered_model(tracked_run,
     files = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "eval/val-none")}
     assert files == {"eval/val-none/metrics.json", "eval/val-none/confusion_matrix.png", "eval/val-none/report.md"}
 
+    # a model no tracked run made (the packaged one): a run of its own, finished
+    other = evaluate_folder("fer2013", str(fer_root / "val"), limit_per_class=3, faces="whole", track="mlflow")
+    run = client.get_run(other["mlflow_run_id"])
+    assert run.info.run_name == f"evaluate {other['model'][:12]}" and run.info.status == "FINISHED"
+    assert run.data.params["model"] == "fer2013"
+    assert run.data.metrics["eval.val-none.accuracy"] == pytest.approx(other["accuracy"], abs=1e-6)
+
 
 @pytest.mark.integration
 def test_without_a_tracking_uri_the_run_goes_to_the_local_store_beside_the_runs(tracked_run, tmp_path, monkeypatch):
     cfg, _ = tracked_run
-    shutil.copytree(Path(cfg.run.storage_path) / "tracked", tmp_path / "tracked")  # a finished run, untracked here
-    trained, model_id = load_bundle(tmp_path / "tracked" / "model.pt")
+    runs = tmp_path / "runs"
+    shutil.copytree(Path(cfg.run.storage_path) / "tracked", runs / "tracked")  # a finished run, untracked here
+    trained, model_id = load_bundle(runs / "tracked" / "model.pt")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     cfg = copy.deepcopy(cfg)
-    cfg.run.storage_path, cfg.train.epochs = str(tmp_path), len(trained.history)
+    cfg.run.storage_path, cfg.train.epochs = "runs", len(trained.history)
     summary = run_training(cfg)  # nothing left to train: it exports again and logs to the local store
-    local = f"sqlite:///{tmp_path / tracking.LOCAL_DB}"
+    local = f"sqlite:///{runs / tracking.LOCAL_DB}"
     assert summary["mlflow_tracking_uri"] == local and summary["model_id"] == model_id
     client = MlflowClient(local)
     run = client.get_run(summary["mlflow_run_id"])
@@ -154,9 +168,13 @@ def test_without_a_tracking_uri_the_run_goes_to_the_local_store_beside_the_runs(
     assert _steps(client, run.info.run_id, "val_loss") == [(h["epoch"], pytest.approx(h["val_loss"]))
                                                            for h in history]  # every epoch the tracker missed
     experiment = client.get_experiment(run.info.experiment_id)
-    assert experiment.artifact_location == (tmp_path / tracking.LOCAL_ARTIFACTS).as_uri()
-    assert (tmp_path / tracking.LOCAL_ARTIFACTS).is_dir()
-    assert json.loads((tmp_path / "tracked" / tracking.RUN_FILE).read_text())["tracking_uri"] == local
+    assert experiment.artifact_location == (runs / tracking.LOCAL_ARTIFACTS).as_uri()
+    assert (runs / tracking.LOCAL_ARTIFACTS).is_dir()
+    assert json.loads((runs / "tracked" / tracking.RUN_FILE).read_text())["tracking_uri"] == local
+    # its model by URI, from the local store in ./runs (no MLFLOW_TRACKING_URI)
+    assert ModelFile.read(f"runs:/{run.info.run_id}/model").data == (runs / "tracked" / "model.pt").read_bytes()
+    import mlflow
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None and mlflow.get_tracking_uri() != local  # left as it was
 
 
 def test_a_tracker_that_does_not_answer_stops_the_run_before_any_work(fer_root, tmp_path, monkeypatch):
