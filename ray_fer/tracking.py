@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ray_fer.config import ConfigError, UserError
+from ray_fer.config import ConfigError, UserError, flatten
 from ray_fer.store import storage
 
 log = logging.getLogger(__name__)
@@ -180,16 +180,10 @@ def read_run_file(folder: str) -> TrackedRun | None:
     return TrackedRun(**json.loads(storage.read_bytes(uri)))
 
 
-def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A config as MLflow parameters: dotted keys, values as text (lists as JSON)."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= flat_config(value, f"{prefix}{key}.")
-        else:
-            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-            out[prefix + key] = text[:_PARAM_MAX]
-    return out
+def flat_config(tree: Mapping[str, Any]) -> dict[str, str]:
+    """A config as MLflow parameters: dotted keys (`config.flatten`), values as text (lists as JSON)."""
+    return {key: (json.dumps(value) if isinstance(value, (list, tuple)) else str(value))[:_PARAM_MAX]
+            for key, value in flatten(tree).items()}
 
 
 # --------------------------------------------------------------------------------------------

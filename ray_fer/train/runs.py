@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from ray_fer.store import storage
-from ray_fer.config import ConfigError, TrainJobConfig, UserError, to_yaml
+from ray_fer.config import ConfigError, TrainJobConfig, UserError, flatten, to_yaml
 from ray_fer.metrics import best_epoch_of, clean_history
 from ray_fer.model_ref import BUNDLE_FILE  # the exported best model, in the run folder
 
@@ -202,23 +202,13 @@ def config_changes(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[
 
     A key that `previous` lacks (written before the key existed) counts as its default; a key
     only `previous` has no longer means anything and is ignored."""
-    before, after, defaults = _flat(previous), _flat(new), _flat(asdict(TrainJobConfig()))
+    before, after, defaults = flatten(previous), flatten(new), flatten(asdict(TrainJobConfig()))
     changes = {}
     for key, value in after.items():
         was = before.get(key, defaults.get(key))
         if key not in _NOT_COMPARED and not _same(key, was, value):
             changes[key] = (was, value)
     return changes
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _same(key: str, a: Any, b: Any) -> bool:

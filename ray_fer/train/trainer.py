@@ -144,19 +144,15 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainJobConfig, lease: Lease, tracker: str | None) -> dict[str, Any]:
     resume = plan_resume(cfg)  # a re-used name: refused here when the settings that shape the weights changed
-    if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
-        tracked = _start_tracking(cfg, tracker, resume)  # logs what the tracker missed, if anything
-        try:
+    tracked = None  # the MLflow run, once started: a failure after that ends it FAILED
+    try:
+        if resume is not None and resume.epochs_done == cfg.train.epochs:  # nothing to train: no Ray, no data
+            tracked = _start_tracking(cfg, tracker, resume)  # logs what the tracker missed, if anything
             with lease.fence("export"):
                 return export_best(cfg, *best_state_and_history(run_dir(cfg), cfg.run.export), tracked=tracked)
-        except BaseException as e:
-            if tracked is not None:
-                tracking.fail_training_run(tracked, e)
-            raise
-    tables = check_inputs(cfg)
-    steps_per_epoch(_train_rows(cfg, tables[0], tables[1]), tables[2].num_rows, cfg)  # before Ray: listed counts
-    tracked = _start_tracking(cfg, tracker, resume)
-    try:
+        tables = check_inputs(cfg)
+        steps_per_epoch(_train_rows(cfg, tables[0], tables[1]), tables[2].num_rows, cfg)  # before Ray: listed counts
+        tracked = _start_tracking(cfg, tracker, resume)
         return _fit(cfg, lease, resume, *tables, tracked=tracked)
     except BaseException as e:
         if tracked is not None:
