@@ -3,7 +3,13 @@
 Prints, each a median of repeated timings after warm-up:
 1. training images/s through `ray-fer train` (1 worker), the model-only bound (the same model,
    batch, precision and optimizer in a bare loop on random tensors already on the device), ratio;
-2. labelling images/s end to end (files -> Parquet), the model-only inference bound, ratio;
+2. labelling images/s end to end (files -> Parquet, `--faces whole`: the synthetic images are face
+   crops) with the packaged default model, the model-only inference bound (the same network and
+   input size on random tensors already on the device), ratio; and where the gap is: Ray Data's
+   time per operator (bench/raydata_ops.py, also after parts 4 and 5), the predictor alone (the
+   same Predictor object called in this process on batches already decoded: its host-side work
+   and the model, without Ray) and the pipeline's start-up and steady rate (from a second run
+   on a quarter of the images: steady = extra images / extra seconds);
 3. GPU memory peak and utilisation (sampled with nvidia-smi) where there is a GPU;
 4. face labelling photos/s end to end (`--faces detect`, files -> Parquet) on 1280x960 JPEGs with
    1-4 FER2013 faces pasted in (bench/synthetic_faces.py), and the detector alone on the device
@@ -20,6 +26,7 @@ travel). On a machine without a GPU it runs the same code paths on the CPU with 
 
     python bench/gpu.py                    # auto: gpu if torch sees one, else cpu
     python bench/gpu.py --mode gpu --out results.json
+    python bench/gpu.py --mode gpu --parts 2,5     # some parts only (without 1: the packaged model)
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import raydata_ops  # bench/ is on sys.path when this file runs as a script
 from ray_fer.labels import CLASSES
 
 # Per mode: image size, per-worker train batch, synthetic train / label image counts, epochs.
@@ -132,11 +140,15 @@ def model_only_train(image_size: int, batch: int, device: torch.device, amp: tor
 
 
 @torch.inference_mode()
-def model_only_infer(image_size: int, batch: int, device: torch.device, amp: torch.dtype | None) -> float:
-    from ray_fer.model import build_model
+def model_only_infer(model_uri: str, batch: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """Images/s of the bundle's network (its architecture and input size: the packaged models keep
+    a stride-1 stem, four times the first layers' work) on random tensors already on the device."""
+    from ray_fer.model import load_bundle
 
-    model = build_model("none").to(device, memory_format=torch.channels_last).eval()
-    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    bundle = load_bundle(model_uri)[0]
+    model = bundle.build_model().to(device, memory_format=torch.channels_last).eval()
+    size = bundle.image_size
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -221,19 +233,63 @@ def bench_train(data: Path, runs: Path, *, mode: str, image_size: int, batch_siz
     return out | {f"train_{k}": v for k, v in gpu.summary().items()}
 
 
-def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
+def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int, quarter: Path | None = None) -> dict:
+    """Images/s of `ray-fer infer --faces whole` over `data`, start-up included; median of
+    `repeats`. With `quarter` (a folder of a quarter as many images) also the start-up and the
+    steady rate: one more run there, and steady = extra images / extra seconds."""
     from ray_fer.config import InferConfig, load_config
     from ray_fer.label.infer import label_images
 
-    rates = []
+    def run(folder: Path, out: Path) -> dict:
+        cfg = load_config(InferConfig, None, {"model": model, "input": str(folder), "output": str(out),
+                                              "faces": "whole"})
+        summary = label_images(cfg)
+        assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
+        return summary
+
+    small = run(quarter, out_dir / "quarter") if quarter is not None else None  # first: the tables show a full run
+    rates, seconds = [], []
     with GpuSampler() as gpu:
         for i in range(repeats):
-            cfg = load_config(InferConfig, None, {"model": model, "input": str(data), "output": str(out_dir / f"r{i}")})
-            summary = label_images(cfg)
-            assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
+            started = time.time()
+            summary = run(data, out_dir / f"r{i}")
             rates.append(summary["images_per_s"])
-    return {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": summary["images"]} | {
-        f"label_{k}": v for k, v in gpu.summary().items()}
+            seconds.append(summary["seconds"])
+    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
+    out = {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": summary["images"]}
+    out |= {f"label_{k}": v for k, v in gpu.summary().items()}
+    if small is not None:
+        extra_s = statistics.median(seconds) - small["seconds"]
+        steady = (summary["images"] - small["images"]) / extra_s if extra_s > 0 else float("nan")
+        out |= {"label_steady_img_s": steady, "label_startup_s": small["seconds"] - small["images"] / steady}
+    return out
+
+
+def predictor_alone(data: Path, model: str, device: torch.device, *, batch: int, batches: int) -> tuple[float, float]:
+    """Images/s of the labelling actors' Predictor called in this process on `batches` batches of
+    `batch` images decoded beforehand (its host-side work and the model, without Ray Data), and
+    the share of near-ties among the first batch's rows (each re-computed in fp32 under bf16)."""
+    from ray_fer.label.decode import decode_image
+    from ray_fer.label.predictor import NEAR_TIE, Predictor
+
+    predictor = Predictor(model, device="gpu" if device.type == "cuda" else "cpu", batch_size=batch)
+    paths = sorted(data.glob("*/*.jpg"))[: batch * batches]
+    pixels = np.stack([decode_image(p.read_bytes(), predictor.decode_size)[0] for p in paths])
+    batches_ = [{"path": np.array([str(p) for p in paths[i:i + batch]], dtype=object),
+                 "image": pixels[i:i + batch], "error": np.full(len(pixels[i:i + batch]), None, dtype=object)}
+                for i in range(0, len(paths), batch)]
+    for b in batches_[:3]:  # warm-up: CUDA context, kernels (oneDNN's primitives on CPU)
+        predictor(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for b in batches_:
+        t0 = time.perf_counter()
+        predictor(b)  # returns host-side Arrow columns: the device work is done when it returns
+        times.append(time.perf_counter() - t0)
+    top2 = np.sort(predictor._predict(pixels[:batch]), axis=1)[:, -2:]
+    near = float(np.mean(top2[:, 1] - top2[:, 0] < NEAR_TIE))  # rows that the bf16 pass sends to fp32 again
+    return batch / statistics.median(times), near
 
 
 def _write_photos(args: tuple[str, int, int, int, str]) -> None:
@@ -286,9 +342,11 @@ def bench_faces(folder: Path, model: str, out_dir: Path, *, repeats: int) -> dic
         for i in range(repeats):
             cfg = load_config(InferConfig, None, {"model": model, "input": str(folder), "faces": "detect",
                                                   "output": str(out_dir / f"r{i}")})
+            started = time.time()
             summary = label_images(cfg)
             assert summary["errors"] == 0, summary
             rates.append(summary["images_per_s"])
+    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
     return {"faces_photos_s_runs": rates, "faces_photos_s": statistics.median(rates),
             "faces_found": summary["faces"], "faces_no_face": summary["no_face"]} | {
         f"faces_{k}": v for k, v in gpu.summary().items()}
@@ -321,9 +379,11 @@ def bench_videos(folder: Path, frames: int, out_dir: Path, *, repeats: int) -> d
         for i in range(repeats):
             cfg = load_config(InferConfig, None, {"input": str(folder), "output": str(out_dir / f"r{i}"), "fps": 0})
             t0 = time.perf_counter()
+            started = time.time()
             summary = label_images(cfg)
             rates.append(frames / (time.perf_counter() - t0))
             assert summary["errors"] == 0, summary
+    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
     return {"video_frames_s_runs": rates, "video_frames_s": statistics.median(rates), "video_frames": frames,
             "video_faces": summary["faces"]} | {f"video_{k}": v for k, v in gpu.summary().items()}
 
@@ -340,7 +400,11 @@ def main() -> None:
     for key in ("image_size", "batch_size", "train_images", "label_images", "epochs", "face_photos", "videos",
                 "video_seconds"):
         ap.add_argument("--" + key.replace("_", "-"), type=int)
+    ap.add_argument("--parts", default="1,2,4,5",
+                    help="which parts to run, e.g. 2,5 (3 comes with 1 and 2; without 1, parts 2 and 4 label with "
+                         "the packaged model)")
     args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",") if p.strip()}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     sizes = {k: getattr(args, k) or v for k, v in SIZES[mode].items()}
@@ -350,73 +414,95 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    results: dict = {"mode": mode, **sizes, "cpus": cpus,
+    results: dict = {"mode": mode, **sizes, "cpus": cpus, "parts": sorted(parts),
                      "device": torch.cuda.get_device_name(0) if mode == "gpu" else "cpu",
                      "torch": torch.__version__, "ray": ray.__version__}
     print(json.dumps(results), flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        make_image_folder(work / "fer" / "train", sizes["train_images"], cpus)
-        make_image_folder(work / "fer" / "val", max(700, sizes["train_images"] // 8), cpus)
-        make_image_folder(work / "label", sizes["label_images"], cpus)
+        if 1 in parts:
+            make_image_folder(work / "fer" / "train", sizes["train_images"], cpus)
+            make_image_folder(work / "fer" / "val", max(700, sizes["train_images"] // 8), cpus)
+        if 2 in parts:
+            make_image_folder(work / "label", sizes["label_images"], cpus)
+            make_image_folder(work / "label-quarter", sizes["label_images"] // 4, cpus)
         print(f"synthetic data written in {time.perf_counter() - t0:.1f} s", flush=True)
 
+        from ray_fer.model_ref import DEFAULT_MODEL, resolve_model
         from ray_fer.precision import autocast_dtype
 
-        train_amp = autocast_dtype("auto", device, training=True)
-        infer_amp = autocast_dtype("auto", device)
-        results["train_model_only_img_s"] = model_only_train(sizes["image_size"], sizes["batch_size"], device, train_amp)
-        results["label_model_only_img_s"] = model_only_infer(sizes["image_size"], 512 if mode == "gpu" else 64,
-                                                             device, infer_amp)
-        print(json.dumps({k: results[k] for k in ("train_model_only_img_s", "label_model_only_img_s")}), flush=True)
+        # parts 2, 4 and 5 label with the packaged default model: part 1's model, trained on blobs
+        # without a class signal, gives near-uniform probabilities, so under bf16 nearly every row
+        # is a near-tie re-computed in fp32 (predictor.NEAR_TIE), which no real model does
+        model = resolve_model(DEFAULT_MODEL)
+        if 1 in parts:
+            train_amp = autocast_dtype("auto", device, training=True)
+            results["train_model_only_img_s"] = model_only_train(sizes["image_size"], sizes["batch_size"], device,
+                                                                 train_amp)
+        print(json.dumps({k: v for k, v in results.items() if "model_only" in k}), flush=True)
         if mode == "gpu":
             torch.cuda.empty_cache()
 
         ray.init(num_cpus=cpus, num_gpus=1 if mode == "gpu" else 0, include_dashboard=False, log_to_driver=False)
-        results |= bench_train(work / "fer", work / "runs", mode=mode, image_size=sizes["image_size"],
-                               batch_size=sizes["batch_size"], epochs=sizes["epochs"], compile_model=False)
-        results["train_ratio"] = results["train_img_s"] / results["train_model_only_img_s"]
-        print(json.dumps({k: v for k, v in results.items() if k.startswith("train")}), flush=True)
-        if args.compile:
+        if 1 in parts:
+            results |= bench_train(work / "fer", work / "runs", mode=mode, image_size=sizes["image_size"],
+                                   batch_size=sizes["batch_size"], epochs=sizes["epochs"], compile_model=False)
+            results["train_ratio"] = results["train_img_s"] / results["train_model_only_img_s"]
+            print(json.dumps({k: v for k, v in results.items() if k.startswith("train")}), flush=True)
+        if 1 in parts and args.compile:
             compiled = bench_train(work / "fer", work / "runs-compiled", mode=mode, image_size=sizes["image_size"],
                                    batch_size=sizes["batch_size"], epochs=sizes["epochs"], compile_model=True)
             results["train_compiled_img_s"] = compiled["train_img_s"]
             print(json.dumps({"train_compiled_img_s": compiled["train_img_s"]}), flush=True)
-        results |= bench_label(work / "label", str(work / "runs" / "bench" / "model.pt"), work / "labels",
-                               repeats=args.label_repeats)
-        results["label_ratio"] = results["label_img_s"] / results["label_model_only_img_s"]
-        print(json.dumps({k: v for k, v in results.items() if k.startswith("label")}), flush=True)
+        if 2 in parts:
+            results["label_model_only_img_s"] = model_only_infer(model, 512 if mode == "gpu" else 64, device,
+                                                                 autocast_dtype("auto", device))
+            results["label_predictor_alone_img_s"], results["label_near_tie_share"] = predictor_alone(
+                work / "label", model, device, batch=512 if mode == "gpu" else 64, batches=20 if mode == "gpu" else 5)
+            if mode == "gpu":
+                torch.cuda.empty_cache()
+            results |= bench_label(work / "label", model, work / "labels", repeats=args.label_repeats,
+                                   quarter=work / "label-quarter")
+            results["label_ratio"] = results["label_img_s"] / results["label_model_only_img_s"]
+            print(json.dumps({k: v for k, v in results.items() if k.startswith("label")}), flush=True)
         crops = Path(args.face_crops)
-        if sizes["face_photos"] and any(crops.glob("*/*.jpg")):
+        have_crops = any(crops.glob("*/*.jpg"))
+        if 4 in parts and sizes["face_photos"] and have_crops:
             t0 = time.perf_counter()
             photos = make_photo_folder(work / "photos", sizes["face_photos"], crops, cpus)
             print(f"{sizes['face_photos']} photos written in {time.perf_counter() - t0:.1f} s", flush=True)
             results["faces_detector_only_photos_s"] = detector_only(photos, device)
-            results |= bench_faces(photos, str(work / "runs" / "bench" / "model.pt"), work / "face-labels",
-                                   repeats=2)
+            results |= bench_faces(photos, model, work / "face-labels", repeats=2)
             results["faces_ratio"] = results["faces_photos_s"] / results["faces_detector_only_photos_s"]
-        else:
+        elif 4 in parts:
             print(f"4. face labelling skipped: no FER2013 class folders at {crops} (--face-crops)", flush=True)
-        if sizes["videos"] and any(crops.glob("*/*.jpg")):
+        if 5 in parts and sizes["videos"] and have_crops:
             t0 = time.perf_counter()
             frames = make_video_folder(work / "videos", sizes["videos"], sizes["video_seconds"], cpus)
             print(f"{sizes['videos']} videos of {sizes['video_seconds']} s written in {time.perf_counter() - t0:.1f} s",
                   flush=True)
             results |= bench_videos(work / "videos", frames, work / "video-labels", repeats=2)
             print(json.dumps({k: v for k, v in results.items() if k.startswith("video")}), flush=True)
+        elif 5 in parts:
+            print(f"5. video labelling skipped: no FER2013 class folders at {crops} (--face-crops)", flush=True)
         ray.shutdown()
 
     print()
     print(f"mode {mode} on {results['device']}, {sizes['image_size']} px, {cpus} CPUs")
-    print(f"1. training   ray-fer {results['train_img_s']:9.0f} img/s   model-only {results['train_model_only_img_s']:9.0f}"
-          f" img/s   ratio {results['train_ratio']:.2f}   (GPU target >= 3,000 img/s and >= 0.80)")
-    print(f"2. labelling  ray-fer {results['label_img_s']:9.0f} img/s   model-only {results['label_model_only_img_s']:9.0f}"
-          f" img/s   ratio {results['label_ratio']:.2f}   (GPU target >= 12,000 img/s and >= 0.80)")
+    if "train_img_s" in results:
+        print(f"1. training   ray-fer {results['train_img_s']:9.0f} img/s   model-only {results['train_model_only_img_s']:9.0f}"
+              f" img/s   ratio {results['train_ratio']:.2f}   (GPU target >= 3,000 img/s and >= 0.80)")
+    if "label_img_s" in results:
+        print(f"2. labelling  ray-fer {results['label_img_s']:9.0f} img/s   model-only "
+              f"{results['label_model_only_img_s']:9.0f} img/s   ratio {results['label_ratio']:.2f}   "
+              f"(GPU target >= 12,000 img/s and >= 0.80)")
+        print(f"              predictor alone {results['label_predictor_alone_img_s']:9.0f} img/s; the pipeline's "
+              f"start-up {results['label_startup_s']:.0f} s, then {results['label_steady_img_s']:9.0f} img/s")
     if mode == "gpu":
-        print(f"3. GPU        train: peak {results['train_gpu_mem_peak_gib']} GiB, median util "
-              f"{results['train_gpu_util_median_pct']}%   label: peak {results['label_gpu_mem_peak_gib']} GiB, "
-              f"median util {results['label_gpu_util_median_pct']}%")
+        print(f"3. GPU        train: peak {results.get('train_gpu_mem_peak_gib')} GiB, median util "
+              f"{results.get('train_gpu_util_median_pct')}%   label: peak {results.get('label_gpu_mem_peak_gib')} GiB, "
+              f"median util {results.get('label_gpu_util_median_pct')}%")
     if "faces_photos_s" in results:
         print(f"4. faces      ray-fer {results['faces_photos_s']:9.0f} photos/s detector-only "
               f"{results['faces_detector_only_photos_s']:9.0f} photos/s ratio {results['faces_ratio']:.2f}   "
