@@ -92,6 +92,26 @@ def test_segments_give_the_frames_one_pass_gives(clip, segment_s):
     assert cut == whole
 
 
+@pytest.mark.parametrize("fps, start_s, end_s", [(2.0, 0.0, math.inf), (7.3, 0.0, math.inf), (2.0, 1.0, 3.0)])
+def test_frames_skipped_between_samples_change_no_sampled_frame(fer_root, fps, start_s, end_s):
+    """walking.mp4 is H.264 High with B-frames: between samples its non-reference frames are not
+    decoded (decode._decoded). The sampled frames must be the very frames, pixel for pixel, that
+    decoding every frame (fps 0, where nothing is skipped) gives at the sample times."""
+    walking = str(fer_root.parent / "videos" / "walking.mp4")
+    every = [f for f in decode_frames(walking, fps=0) if start_s - 0.02 <= f.time_s < end_s - 0.02]
+    sampled = list(decode_frames(walking, fps=fps, start_s=start_s, end_s=end_s))
+    tol = 0.5 / probe(walking).fps
+    expected, k = [], math.ceil(start_s * fps - 1e-9)
+    for f in every:  # the first frame at or after each sample time, as decode_frames defines it
+        if f.time_s >= k / fps - tol:
+            expected.append(f)
+            k = math.floor((f.time_s + tol) * fps) + 1
+    assert len(sampled) == len(expected) >= 3
+    for got, want in zip(sampled, expected):
+        assert (got.index, got.time_s) == (want.index, want.time_s)
+        assert np.array_equal(got.gray, want.gray) and np.array_equal(got.detect, want.detect)
+
+
 def test_unreadable_videos_say_why(tmp_path, clip):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(np.random.default_rng(0).bytes(5000))

@@ -23,6 +23,7 @@ from ray_fer.store import storage
 from ray_fer.config import UserError
 from ray_fer.label.decode import IMAGE_EXTENSIONS, ImageError, decode_image, decode_photo
 from ray_fer.labels import CLASSES, class_index
+from ray_fer.malloc import keep_freed_memory
 from ray_fer.schema import READ_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def decode_photos(batch: dict[str, Any], *, decode_size: int, detect_size: int, 
     and one error row (`time_s` where it broke; NaN where the file could not be opened) where
     decoding breaks.
     """
+    keep_freed_memory()  # each frame's copies reuse the last one's memory (ray_fer/malloc.py)
     from ray_fer.label.videos import SEGMENT_COLUMNS
     from ray_fer.video.decode import VideoError, decode_frames
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from ray_fer.label.datasets import PHOTO_COLUMNS
+from ray_fer.malloc import keep_freed_memory
 from ray_fer.faces.detector import Detections, FaceDetector, align_matrices, crop_faces
 from ray_fer.schema import FACE_COLUMNS, PREDICTION_COLUMNS
 from ray_fer.label.predictor import Predictor, arrow_column, no_error, with_non_finite
@@ -76,6 +77,7 @@ class FacePredictor(Predictor):
     """
 
     def __init__(self, model: Any, **kwargs: Any) -> None:
+        keep_freed_memory()
         super().__init__(model, **kwargs)
         # the gray copies are read-only views on Ray's buffers (numpy_batch); the crops only read them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
