@@ -122,6 +122,16 @@ class _DropReportedErrors(logging.Filter):
         return exc is None or reported_in_task(exc) is None
 
 
+class _DropIssueDetectors(logging.Filter):
+    """Ray Data's issue detectors' console advice ("Operator 'MapBatches(decode_photos)' uses
+    645.4MiB of memory per worker ... consider setting `memory=...`", a dozen lines each, every 30
+    s): ray-fer sizes its stages itself (label/plan.py), so a user can act on none of it. Its log
+    file keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "issue_detect" not in record.name
+
+
 def quiet_ray_in_process() -> None:
     """Ray's console chatter off in this process (driver or worker); its log files keep it all."""
     if not quiet():
@@ -137,8 +147,9 @@ def quiet_ray_in_process() -> None:
     for handler in logging.getLogger("ray.data").handlers:  # the console one; ray-data.log keeps DEBUG
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
-            if not any(isinstance(f, _DropReportedErrors) for f in handler.filters):
-                handler.addFilter(_DropReportedErrors())
+            for kind in (_DropReportedErrors, _DropIssueDetectors):
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
     ray_internals.quiet_train_reporting()  # "Reporting training result N"
 
 
