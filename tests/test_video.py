@@ -260,6 +260,34 @@ def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder
 
 
 @pytest.mark.integration
+@pytest.mark.integration
+def test_the_clusters_track_pass_gives_the_rows_the_drivers_gives(labelled, video_folder, tmp_path, monkeypatch):
+    """A run's few videos are tracked in the driver (`videos._track_here`, as in `labelled`); a
+    bigger pass goes through a Ray Data groupby over the cluster. With the threshold at 0 these
+    videos take the cluster's path: every row must be the same (segments of 3 s, as `labelled`)."""
+    from ray_fer.config import InferConfig
+    from ray_fer.label import videos
+    from ray_fer.label.infer import label_images
+
+    root, _ = video_folder
+    names = ["people.mp4", "nobody.mp4", "cut.mp4"]  # faces over segments, no face, a break
+    for name in names:
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).symlink_to(root / name)
+    monkeypatch.setattr(videos, "TRACK_HERE_BYTES", 0)
+    label_images(InferConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), segment_s=3.0))
+    keys = ("frame", "time_s", "face", "track", "box_x", "box_y", "label", "confidence", "error")
+
+    def table(rows: list[dict]) -> list[tuple]:
+        picked = [(r["path"].rsplit("/", 1)[-1], *(r[k] for k in keys)) for r in rows
+                  if r["path"].rsplit("/", 1)[-1] in names]
+        return sorted(picked, key=lambda row: [(v is None, 0 if v is None else v) for v in row])
+
+    cluster = table(pq.read_table(tmp_path / "out").to_pylist())
+    driver = table(labelled[1])
+    assert len(cluster) == len(driver) >= 20 and cluster == driver
+
+
 def test_walking_gives_faces_in_most_frames_and_several_tracks(labelled):
     _, rows, _ = labelled
     walking = _rows(rows, "walking.mp4")
