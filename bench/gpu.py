@@ -143,16 +143,17 @@ def model_only_train(image_size: int, batch: int, device: torch.device, amp: tor
 def model_only_infer(model_uri: str, batch: int, device: torch.device, amp: torch.dtype | None) -> float:
     """Images/s of the bundle's network (its architecture and input size: the packaged models keep
     a stride-1 stem, four times the first layers' work) on random tensors already on the device."""
+    from ray_fer.label.predictor import _forward, fold_batchnorm
     from ray_fer.model import load_bundle
 
     bundle = load_bundle(model_uri)[0]
-    model = bundle.build_model().to(device, memory_format=torch.channels_last).eval()
+    # the network as the Predictor runs it: batch norms folded, the first stages fp32 under autocast
+    model = fold_batchnorm(bundle.build_model()).to(device, memory_format=torch.channels_last)
     size = bundle.image_size
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            torch.softmax(model(x).float(), dim=1)
+        torch.softmax(_forward(model, x, amp).float(), dim=1)
 
     steps = 20 if device.type == "cuda" else 5
     times = _timed_steps(step, warmup=5 if device.type == "cuda" else 1, repeats=5, steps=steps, device=device)
@@ -247,7 +248,6 @@ def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int, quarter:
         assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
         return summary
 
-    small = run(quarter, out_dir / "quarter") if quarter is not None else None  # first: the tables show a full run
     rates, seconds = [], []
     with GpuSampler() as gpu:
         for i in range(repeats):
@@ -256,6 +256,7 @@ def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int, quarter:
             rates.append(summary["images_per_s"])
             seconds.append(summary["seconds"])
     print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
+    small = run(quarter, out_dir / "quarter") if quarter is not None else None  # warm, as the full runs after the first
     out = {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": summary["images"]}
     out |= {f"label_{k}": v for k, v in gpu.summary().items()}
     if small is not None:
@@ -270,7 +271,7 @@ def predictor_alone(data: Path, model: str, device: torch.device, *, batch: int,
     `batch` images decoded beforehand (its host-side work and the model, without Ray Data), and
     the share of near-ties among the first batch's rows (each re-computed in fp32 under bf16)."""
     from ray_fer.label.decode import decode_image
-    from ray_fer.label.predictor import NEAR_TIE, Predictor
+    from ray_fer.label.predictor import NEAR_TIE, Predictor, _forward
 
     predictor = Predictor(model, device="gpu" if device.type == "cuda" else "cpu", batch_size=batch)
     paths = sorted(data.glob("*/*.jpg"))[: batch * batches]
@@ -287,8 +288,11 @@ def predictor_alone(data: Path, model: str, device: torch.device, *, batch: int,
         t0 = time.perf_counter()
         predictor(b)  # returns host-side Arrow columns: the device work is done when it returns
         times.append(time.perf_counter() - t0)
-    top2 = np.sort(predictor._predict(pixels[:batch]), axis=1)[:, -2:]
-    near = float(np.mean(top2[:, 1] - top2[:, 0] < NEAR_TIE))  # rows that the bf16 pass sends to fp32 again
+    with torch.inference_mode():  # the bf16 (autocast) pass alone: its near-ties go to fp32 again
+        x = torch.from_numpy(pixels[:batch]).to(predictor.device)
+        probs = torch.softmax(_forward(predictor.net, predictor.preset(x), predictor.autocast).float(), dim=1)
+    top2 = probs.topk(2, dim=1).values.cpu().numpy()
+    near = float(np.mean(top2[:, 0] - top2[:, 1] < NEAR_TIE)) if predictor.autocast is not None else 0.0
     return batch / statistics.median(times), near
 
 

@@ -3,7 +3,8 @@
 `ProcSampler` samples every process's user and system CPU seconds and minor page faults (memory
 touched for the first time) every `interval` seconds inside a `with` block, and `table()` sums
 them per kind: Ray names its workers after what they run ("ray::MapWorker(MapBatches(
-FacePredictorActor))", "ray::MapBatches(decode_photos)", ...), and Ray's own daemons (raylet,
+FacePredictorActor))", "ray::MapBatches(decode_photos)", ...; a worker counts under the last task
+it was seen running, "ray::IDLE" only if it was never seen busy), and Ray's own daemons (raylet,
 gcs_server, the dashboard agents) are named by their command. A process that ends between two
 samples loses what it used after the last one, so keep `interval` short against task lengths.
 
@@ -92,8 +93,8 @@ class ProcSampler:
             stat = _stat(pid)
             if stat is None:
                 continue
-            kind = _kind(pid)  # a Ray worker's title changes with the task it runs: the latest counts
-            if kind:
+            kind = _kind(pid)  # a Ray worker's title changes with the task it runs: the latest task counts
+            if kind and not (kind.startswith("ray::IDLE") and pid in self.kinds):
                 self.kinds[pid] = kind
             if pid not in self.first:
                 self.first[pid] = stat if initial else (0.0, 0.0, 0)

@@ -122,14 +122,18 @@ class _DropReportedErrors(logging.Filter):
         return exc is None or reported_in_task(exc) is None
 
 
-class _DropIssueDetectors(logging.Filter):
-    """Ray Data's issue detectors' console advice ("Operator 'MapBatches(decode_photos)' uses
-    645.4MiB of memory per worker ... consider setting `memory=...`", a dozen lines each, every 30
-    s): ray-fer sizes its stages itself (label/plan.py), so a user can act on none of it. Its log
-    file keeps them."""
+class _DropMemoryAdvice(logging.Filter):
+    """Ray Data's high-memory issue detector's console advice ("Operator 'MapBatches(decode_photos)'
+    uses 645.4MiB of memory per worker ... consider setting `memory=...`", a dozen lines each,
+    every 30 s): ray-fer sizes its stages itself (label/plan.py), so a user can act on none of it.
+    The other detectors (a task hanging, a shuffle's aggregators unhealthy) still print. Its log
+    file keeps them all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "issue_detect" not in record.name
+        if "issue_detect" not in record.name:
+            return True
+        text = " ".join(record.getMessage().split())  # the advice is wrapped over lines
+        return "of memory per worker" not in text
 
 
 def quiet_ray_in_process() -> None:
@@ -147,7 +151,7 @@ def quiet_ray_in_process() -> None:
     for handler in logging.getLogger("ray.data").handlers:  # the console one; ray-data.log keeps DEBUG
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
-            for kind in (_DropReportedErrors, _DropIssueDetectors):
+            for kind in (_DropReportedErrors, _DropMemoryAdvice):
                 if not any(isinstance(f, kind) for f in handler.filters):
                     handler.addFilter(kind())
     ray_internals.quiet_train_reporting()  # "Reporting training result N"

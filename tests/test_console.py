@@ -128,13 +128,15 @@ def test_progress_shows_the_time_left():
 def test_ray_datas_memory_advice_stays_in_its_log_file():
     """Ray Data's issue detectors print a dozen lines of `memory=...` advice every 30 s of a long
     job (about stages ray-fer sizes itself): the quiet console drops them, not Ray Data's other
-    warnings. A fresh process, as a command's driver is."""
+    warnings nor the other detectors'. A fresh process, as a command's driver is."""
     probe = ("import logging, sys; from ray_fer import console; console.setup(verbose=False); import ray.data; "
              "console.quiet_ray_in_process(); "
-             "logging.getLogger('ray.data._internal.issue_detection.issue_detector_manager').warning("
-             "\"Operator 'MapBatches(decode_photos)' uses 645.4MiB of memory per worker\"); "
+             "detector = logging.getLogger('ray.data._internal.issue_detection.issue_detector_manager'); "
+             "detector.warning(\"Operator 'MapBatches(decode_photos)' uses 645.4MiB of memory per\\nworker on "
+             "average\"); detector.warning('a task has been running or stuck in scheduling for 600 s'); "
              "logging.getLogger('ray.data._internal.execution.streaming_executor').warning('a real Ray Data warning')")
     done = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_FER_VERBOSE"})
     assert done.returncode == 0, done.stdout
     assert "a real Ray Data warning" in done.stdout and "645.4MiB" not in done.stdout, done.stdout
+    assert "stuck in scheduling" in done.stdout, done.stdout  # the other detectors still speak

@@ -92,15 +92,24 @@ def test_segments_give_the_frames_one_pass_gives(clip, segment_s):
     assert cut == whole
 
 
+@pytest.fixture(scope="module")
+def hevc_clip(tmp_path_factory, clear_faces) -> Path:
+    path = tmp_path_factory.mktemp("hevc") / "clip.mkv"
+    make_video(path, _people(clear_faces)[:2], duration_s=4.0, codec="hevc", seed=3)
+    return path
+
+
+@pytest.mark.parametrize("video", ["walking", "hevc"])
 @pytest.mark.parametrize("fps, start_s, end_s", [(2.0, 0.0, math.inf), (7.3, 0.0, math.inf), (2.0, 1.0, 3.0)])
-def test_frames_skipped_between_samples_change_no_sampled_frame(fer_root, fps, start_s, end_s):
-    """walking.mp4 is H.264 High with B-frames: between samples its non-reference frames are not
-    decoded (decode._decoded). The sampled frames must be the very frames, pixel for pixel, that
-    decoding every frame (fps 0, where nothing is skipped) gives at the sample times."""
-    walking = str(fer_root.parent / "videos" / "walking.mp4")
-    every = [f for f in decode_frames(walking, fps=0) if start_s - 0.02 <= f.time_s < end_s - 0.02]
-    sampled = list(decode_frames(walking, fps=fps, start_s=start_s, end_s=end_s))
-    tol = 0.5 / probe(walking).fps
+def test_frames_skipped_between_samples_change_no_sampled_frame(fer_root, hevc_clip, video, fps, start_s, end_s):
+    """walking.mp4 is H.264 High with B-frames, the generated clip HEVC with B-frames: between
+    samples their non-reference frames are not decoded (decode._decoded). The sampled frames must
+    be the very frames, pixel for pixel, that decoding every frame (fps 0, where nothing is
+    skipped) gives at the sample times, from the start and from a segment's start."""
+    path = str(fer_root.parent / "videos" / "walking.mp4") if video == "walking" else str(hevc_clip)
+    every = [f for f in decode_frames(path, fps=0) if start_s - 0.02 <= f.time_s < end_s - 0.02]
+    sampled = list(decode_frames(path, fps=fps, start_s=start_s, end_s=end_s))
+    tol = 0.5 / probe(path).fps
     expected, k = [], math.ceil(start_s * fps - 1e-9)
     for f in every:  # the first frame at or after each sample time, as decode_frames defines it
         if f.time_s >= k / fps - tol:
@@ -260,7 +269,6 @@ def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder
 
 
 @pytest.mark.integration
-@pytest.mark.integration
 def test_the_clusters_track_pass_gives_the_rows_the_drivers_gives(labelled, video_folder, tmp_path, monkeypatch):
     """A run's few videos are tracked in the driver (`videos._track_here`, as in `labelled`); a
     bigger pass goes through a Ray Data groupby over the cluster. With the threshold at 0 these
@@ -288,6 +296,7 @@ def test_the_clusters_track_pass_gives_the_rows_the_drivers_gives(labelled, vide
     assert len(cluster) == len(driver) >= 20 and cluster == driver
 
 
+@pytest.mark.integration
 def test_walking_gives_faces_in_most_frames_and_several_tracks(labelled):
     _, rows, _ = labelled
     walking = _rows(rows, "walking.mp4")

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_fer.schema import KIND_COLUMN, to_output, video_mask
@@ -132,9 +133,11 @@ def track_videos(frames_dir: str, tracked_dir: str, *, schema: pa.Schema, counte
 
     if not storage.exists(frames_dir):
         return
-    files = storage.list_files(frames_dir, (".parquet",))
-    if sum(storage.info(f).size for f in files) <= (TRACK_HERE_BYTES if here_bytes is None else here_bytes):
-        _track_here(files, tracked_dir, schema=schema, counter=counter)
+    fs, path = storage.filesystem(frames_dir)
+    staged = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+              if f.type == pafs.FileType.File and f.path.endswith(".parquet")]  # one listing, sizes included
+    if sum(f.size for f in staged) <= (TRACK_HERE_BYTES if here_bytes is None else here_bytes):
+        _track_here([storage.to_uri(fs, f.path) for f in staged], tracked_dir, schema=schema, counter=counter)
         return
     ds = ray.data.read_parquet(frames_dir, partitioning=None)
     # each partition is an aggregator actor, a process of its own: no more than the cluster's CPUs
@@ -155,7 +158,7 @@ def _track_here(files: list[str], tracked_dir: str, *, schema: pa.Schema, counte
 
     from ray_fer.store.output import ROWS_PER_FILE
 
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files]
+    tables = [pq.read_table(io.BytesIO(storage.read_with_retries(f))) for f in files]
     rows = pa.concat_tables(tables, promote_options="default") if tables else None
     if rows is None or rows.num_rows == 0:
         return

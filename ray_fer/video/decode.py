@@ -28,6 +28,7 @@ from ray_fer.store import storage
 
 DEFAULT_FPS = 2.0  # sampled frames per second: expressions change over seconds, not frames
 SEGMENT_S = 60.0  # seconds of video per decode task: a 2-hour file spreads over 120 tasks
+SKIP_PER_FRAME = ("h264", "hevc")  # decoders that honour skip_frame per frame (see _decoded)
 SOURCE_FACTOR = 3  # the gray copy's long side is at most this many times the detection size (as for photos)
 
 
@@ -175,11 +176,15 @@ def _decoded(container: Any, stream: Any, origin: float, *, not_before: Any) -> 
     packet whose time is before `not_before()` is decoded with FFmpeg's `skip_frame` NONREF: a
     frame that no other frame refers to (most B-frames) is not decoded at all, since it would not
     be sampled. On an H.264 High clip with B-frames at 25 frames/s (walking.mp4) that skips half
-    the frames between samples at --fps 2, and decoding is most of a decode task's work there."""
+    the frames between samples at --fps 2, and decoding is most of a decode task's work there.
+    Only for the decoders that read `skip_frame` frame by frame (SKIP_PER_FRAME): FFmpeg's
+    libdav1d (AV1) reads it once, when the decoder opens, and would then skip for good."""
     ctx = stream.codec_context
+    per_frame = ctx.name in SKIP_PER_FRAME
     for packet in container.demux(stream):
-        skip = packet.pts is not None and float(packet.pts * stream.time_base) - origin < not_before()
-        ctx.skip_frame = "NONREF" if skip else "DEFAULT"
+        if per_frame:
+            skip = packet.pts is not None and float(packet.pts * stream.time_base) - origin < not_before()
+            ctx.skip_frame = "NONREF" if skip else "DEFAULT"
         yield from packet.decode()
 
 
