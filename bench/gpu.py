@@ -26,7 +26,7 @@ travel). On a machine without a GPU it runs the same code paths on the CPU with 
 
     python bench/gpu.py                    # auto: gpu if torch sees one, else cpu
     python bench/gpu.py --mode gpu --out results.json
-    python bench/gpu.py --mode gpu --parts 2,5     # some parts only (without 1: the packaged model)
+    python bench/gpu.py --mode gpu --parts 2,5     # some parts only
 """
 
 from __future__ import annotations
@@ -234,34 +234,42 @@ def bench_train(data: Path, runs: Path, *, mode: str, image_size: int, batch_siz
     return out | {f"train_{k}": v for k, v in gpu.summary().items()}
 
 
-def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int, quarter: Path | None = None) -> dict:
-    """Images/s of `ray-fer infer --faces whole` over `data`, start-up included; median of
-    `repeats`. With `quarter` (a folder of a quarter as many images) also the start-up and the
-    steady rate: one more run there, and steady = extra images / extra seconds."""
+def _label_runs(settings: dict, out_dir: Path, repeats: int, *, tables: bool = True) -> list[tuple[dict, float]]:
+    """`repeats` runs of `ray-fer infer` with `settings` (run i writes to out_dir/r<i>): each run's
+    summary and wall seconds. With `tables`, prints the last run's Ray Data operator tables."""
     from ray_fer.config import InferConfig, load_config
     from ray_fer.label.infer import label_images
 
-    def run(folder: Path, out: Path) -> dict:
-        cfg = load_config(InferConfig, None, {"model": model, "input": str(folder), "output": str(out),
-                                              "faces": "whole"})
-        summary = label_images(cfg)
-        assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
-        return summary
+    runs = []
+    for i in range(repeats):
+        started, t0 = time.time(), time.perf_counter()
+        summary = label_images(load_config(InferConfig, None, settings | {"output": str(out_dir / f"r{i}")}))
+        runs.append((summary, time.perf_counter() - t0))
+    if tables:
+        print(raydata_ops.tables_since(started), flush=True)
+    return runs
 
-    rates, seconds = [], []
+
+def bench_label(data: Path, model: str, out_dir: Path, *, repeats: int, quarter: Path | None = None) -> dict:
+    """Images/s of `ray-fer infer --faces whole` over `data`, start-up included; median of
+    `repeats`. With `quarter` (a folder of a quarter as many images) also the start-up and the
+    steady rate: one more run there, after the others (warm as they are but the first), and
+    steady = extra images / extra seconds."""
+    settings = {"model": model, "input": str(data), "faces": "whole"}
     with GpuSampler() as gpu:
-        for i in range(repeats):
-            started = time.time()
-            summary = run(data, out_dir / f"r{i}")
-            rates.append(summary["images_per_s"])
-            seconds.append(summary["seconds"])
-    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
-    small = run(quarter, out_dir / "quarter") if quarter is not None else None  # warm, as the full runs after the first
-    out = {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": summary["images"]}
+        summaries = [summary for summary, _ in _label_runs(settings, out_dir, repeats)]
+    small = None
+    if quarter is not None:
+        (small, _), = _label_runs(settings | {"input": str(quarter)}, out_dir / "quarter", 1, tables=False)
+    for summary in summaries + ([small] if small else []):
+        assert summary["images"] == summary["labelled"], summary  # every synthetic image is valid
+    rates = [summary["images_per_s"] for summary in summaries]
+    images = summaries[-1]["images"]
+    out = {"label_img_s_runs": rates, "label_img_s": statistics.median(rates), "label_images_done": images}
     out |= {f"label_{k}": v for k, v in gpu.summary().items()}
     if small is not None:
-        extra_s = statistics.median(seconds) - small["seconds"]
-        steady = (summary["images"] - small["images"]) / extra_s if extra_s > 0 else float("nan")
+        extra_s = statistics.median(summary["seconds"] for summary in summaries) - small["seconds"]
+        steady = (images - small["images"]) / extra_s if extra_s > 0 else float("nan")
         out |= {"label_steady_img_s": steady, "label_startup_s": small["seconds"] - small["images"] / steady}
     return out
 
@@ -338,21 +346,13 @@ def detector_only(folder: Path, device: torch.device, batch: int = 64, seconds: 
 
 
 def bench_faces(folder: Path, model: str, out_dir: Path, *, repeats: int) -> dict:
-    from ray_fer.config import InferConfig, load_config
-    from ray_fer.label.infer import label_images
-
-    rates = []
     with GpuSampler() as gpu:
-        for i in range(repeats):
-            cfg = load_config(InferConfig, None, {"model": model, "input": str(folder), "faces": "detect",
-                                                  "output": str(out_dir / f"r{i}")})
-            started = time.time()
-            summary = label_images(cfg)
-            assert summary["errors"] == 0, summary
-            rates.append(summary["images_per_s"])
-    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
+        summaries = [summary for summary, _ in
+                     _label_runs({"model": model, "input": str(folder), "faces": "detect"}, out_dir, repeats)]
+    assert all(summary["errors"] == 0 for summary in summaries), summaries
+    rates = [summary["images_per_s"] for summary in summaries]
     return {"faces_photos_s_runs": rates, "faces_photos_s": statistics.median(rates),
-            "faces_found": summary["faces"], "faces_no_face": summary["no_face"]} | {
+            "faces_found": summaries[-1]["faces"], "faces_no_face": summaries[-1]["no_face"]} | {
         f"faces_{k}": v for k, v in gpu.summary().items()}
 
 
@@ -375,21 +375,12 @@ def make_video_folder(folder: Path, videos: int, seconds: int, workers: int) -> 
 def bench_videos(folder: Path, frames: int, out_dir: Path, *, repeats: int) -> dict:
     """Sampled frames/s of `ray-fer infer --fps 0` (every frame) over the videos, with the packaged
     model, start-up included; median of `repeats`."""
-    from ray_fer.config import InferConfig, load_config
-    from ray_fer.label.infer import label_images
-
-    rates = []
     with GpuSampler() as gpu:
-        for i in range(repeats):
-            cfg = load_config(InferConfig, None, {"input": str(folder), "output": str(out_dir / f"r{i}"), "fps": 0})
-            t0 = time.perf_counter()
-            started = time.time()
-            summary = label_images(cfg)
-            rates.append(frames / (time.perf_counter() - t0))
-            assert summary["errors"] == 0, summary
-    print(raydata_ops.tables_since(started), flush=True)  # the last run's Ray Data operators
+        runs = _label_runs({"input": str(folder), "fps": 0}, out_dir, repeats)
+    assert all(summary["errors"] == 0 for summary, _ in runs), runs
+    rates = [frames / seconds for _, seconds in runs]
     return {"video_frames_s_runs": rates, "video_frames_s": statistics.median(rates), "video_frames": frames,
-            "video_faces": summary["faces"]} | {f"video_{k}": v for k, v in gpu.summary().items()}
+            "video_faces": runs[-1][0]["faces"]} | {f"video_{k}": v for k, v in gpu.summary().items()}
 
 
 def main() -> None:
@@ -405,8 +396,7 @@ def main() -> None:
                 "video_seconds"):
         ap.add_argument("--" + key.replace("_", "-"), type=int)
     ap.add_argument("--parts", default="1,2,4,5",
-                    help="which parts to run, e.g. 2,5 (3 comes with 1 and 2; without 1, parts 2 and 4 label with "
-                         "the packaged model)")
+                    help="which parts to run, e.g. 2,5 (3 comes with 1 and 2)")
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

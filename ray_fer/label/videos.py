@@ -28,7 +28,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_fer.schema import KIND_COLUMN, to_output, video_mask
@@ -122,10 +121,10 @@ def _with_video_columns(table: pa.Table, face: np.ndarray | None, track: np.ndar
 
 
 def track_videos(frames_dir: str, tracked_dir: str, *, schema: pa.Schema, counter: Any = None,
-                 partitions: int = 8, here_bytes: int | None = None) -> None:
+                 partitions: int = 8) -> None:
     """Pass two of a labelling run with videos: read the video rows staged in `frames_dir`, finish
-    each video (`finish_video`), write them to `tracked_dir`. Staged rows of at most `here_bytes`
-    (default TRACK_HERE_BYTES) of Parquet are finished in this process (`_track_here`), more by a
+    each video (`finish_video`), write them to `tracked_dir`. Staged rows of at most TRACK_HERE_BYTES
+    of Parquet are finished in this process (`_track_here`), more by a
     Ray Data groupby on the path over the cluster."""
     import ray.data
 
@@ -133,11 +132,9 @@ def track_videos(frames_dir: str, tracked_dir: str, *, schema: pa.Schema, counte
 
     if not storage.exists(frames_dir):
         return
-    fs, path = storage.filesystem(frames_dir)
-    staged = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-              if f.type == pafs.FileType.File and f.path.endswith(".parquet")]  # one listing, sizes included
-    if sum(f.size for f in staged) <= (TRACK_HERE_BYTES if here_bytes is None else here_bytes):
-        _track_here([storage.to_uri(fs, f.path) for f in staged], tracked_dir, schema=schema, counter=counter)
+    staged = storage.file_sizes(frames_dir, (".parquet",))
+    if sum(size for _, size in staged) <= TRACK_HERE_BYTES:
+        _track_here([file for file, _ in staged], tracked_dir, schema=schema, counter=counter)
         return
     ds = ray.data.read_parquet(frames_dir, partitioning=None)
     # each partition is an aggregator actor, a process of its own: no more than the cluster's CPUs

@@ -100,11 +100,17 @@ def list_dir(uri: str) -> list[tuple[str, bool]]:
 
 def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:
     """All files under a folder or prefix, recursively, sorted; optionally only these extensions."""
+    return [file for file, _ in file_sizes(uri, extensions)]
+
+
+def file_sizes(uri: str, extensions: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    """(URI, bytes) of every file under a folder or prefix, recursively, sorted, from one listing;
+    optionally only these extensions."""
     fs, path = filesystem(uri)
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=False))
     exts = tuple(e.lower() for e in extensions) if extensions else None
     files = [
-        to_uri(fs, e.path)
+        (to_uri(fs, e.path), e.size)
         for e in entries
         if e.type == pafs.FileType.File and (exts is None or e.path.lower().endswith(exts))
     ]
