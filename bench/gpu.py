@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def _write_faces(args: tuple[str, int, int, int]) -> None:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").save(f"{folder}/{i:07d}.jpg", quality=90)
 
 
+def _writers(workers: int) -> ProcessPoolExecutor:
+    """Processes that write the synthetic data, started fresh ("spawn"), not forked: parts 4 and 5
+    write theirs after ray.init, and a child forked from this process shares its open connections
+    to Ray's GCS. Forked, the first video run after part 4 hung every time on 2 cores (its two actors
+    ALIVE in the GCS, the driver never told: Ray Data kept them pending)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def make_image_folder(root: Path, n: int, workers: int) -> Path:
     """`root/<class>/*.jpg` with n synthetic 48x48 faces spread over the seven classes."""
     jobs = []
@@ -90,7 +99,7 @@ def make_image_folder(root: Path, n: int, workers: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, per_class, 2000):
             jobs.append((str(folder), start, min(2000, per_class - start), c * 1_000_003 + start))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with _writers(workers) as pool:
         list(pool.map(_write_faces, jobs))
     return root
 
@@ -320,7 +329,7 @@ def make_photo_folder(folder: Path, n: int, crops_dir: Path, workers: int) -> Pa
     """n 1280x960 JPEGs with 1-4 FER2013 faces of 80-300 px each (bench/synthetic_faces.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(str(folder), start, min(500, n - start), 7919 * start, str(crops_dir)) for start in range(0, n, 500)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with _writers(workers) as pool:
         list(pool.map(_write_photos, jobs))
     return folder
 
@@ -367,7 +376,7 @@ def make_video_folder(folder: Path, videos: int, seconds: int, workers: int) -> 
     """`videos` 1080p25 H.264 videos of `seconds` each (bench_video.make); returns their frames."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(str(folder / f"v{i}.mp4"), seconds / 60, i) for i in range(videos)]
-    with ProcessPoolExecutor(max_workers=min(workers, videos)) as pool:
+    with _writers(min(workers, videos)) as pool:
         list(pool.map(_write_video, jobs))
     return videos * seconds * VIDEO_FPS
 
