@@ -10,7 +10,7 @@
          once to the detector's small RGB copy and a gray copy to crop from)
       -> predictor.Predictor (actors: the model loaded once each, on a GPU or CPU threads), or
          face_predictor.FacePredictor (the same plus the face detector: detect, align, label)
-      -> output.to_output -> write_parquet into the run's staging folder
+      -> schema.to_output (in the same actors) -> write_parquet into the run's staging folder
       -> OutputRun.check (the rows' digest against the paths' one) -> OutputRun.commit
 
 Nothing on the driver grows with the store: the paths stream from task to task, and a
@@ -23,6 +23,7 @@ one row with `error` set and the job goes on. The output protocol is described i
 from __future__ import annotations
 
 import _thread
+import functools
 import logging
 import time
 from dataclasses import asdict
@@ -133,19 +134,17 @@ def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally
     dst/kind=image/; videos' go to dst/kind=video/ first, and a second pass tracks each video's
     faces into dst/kind=tracked/ (label/videos.py)."""
     faces = cfg.faces != "whole"
+    counter = console.RayCounter(tally.actor)
+    schema = output_schema(model.classes, faces=faces)
     ds = prediction_dataset(
         paths, model, tta=cfg.tta, precision=cfg.precision, device=cfg.device,
         batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size, actors=cfg.actors,
         compile=cfg.compile, faces=cfg.faces, detect_size=cfg.face_detect_size, tally=tally.actor,
         videos=VideoOptions(fps=cfg.fps, segment_s=cfg.segment_s) if faces else None,
+        # in the actors, as each batch is done: the rows counted for the progress display then,
+        # not when the write has a file's worth
+        finish=functools.partial(to_output, schema=schema, counter=counter.actor, kinds=faces),
     )
-    counter = console.RayCounter(tally.actor)
-    schema = output_schema(model.classes, faces=faces)
-    # cheap steps on a share of a CPU, so they fit beside decode tasks and actors on any cluster;
-    # not the same share: fused with the write, which waits for ROWS_PER_FILE rows, to_output
-    # would count the rows for the progress display only once a file's worth is ready
-    ds = ds.map_batches(to_output, fn_kwargs={"schema": schema, "counter": counter.actor, "kinds": faces},
-                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
     progress = console.Progress(0)
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):

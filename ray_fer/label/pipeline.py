@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 
@@ -43,6 +43,7 @@ def prediction_dataset(
     detect_size: int = DETECT_SIZE,
     tally: Any = None,
     videos: VideoOptions | None = None,
+    finish: Callable[[pa.Table], pa.Table] | None = None,
 ) -> "ray.data.Dataset":
     """The lazy Ray Dataset of predictions for a `path` column (local or s3://): a pyarrow Table
     (a labelled folder), or a Ray Dataset streamed from listing tasks or a manifest (labelling).
@@ -56,7 +57,10 @@ def prediction_dataset(
     Extra columns of `source` (e.g. a true label) are passed through. Stages: read and decode on
     CPU tasks (`data.decode_batch`, one row per file, `error` set where it fails) -> `Predictor`
     actors sized by `plan_predictors`. `tally` (a `pathsets.Tally` actor) is told the digest of
-    every block that reaches the decode tasks. Nothing runs until the dataset is consumed (write_parquet,
+    every block that reaches the decode tasks. `finish` (picklable) is applied to each batch of
+    predictions in the actor that made it (infer's `schema.to_output`): a stage of its own would
+    need worker processes of its own, started while the actors run (on 2 cores, a minute of a
+    5-minute video's run went to them). Nothing runs until the dataset is consumed (write_parquet,
     iter_batches); results stream, nothing is collected on the driver. Starts Ray if needed.
     With `compile` each actor torch.compiles its model once before its first batch. With `videos`
     (and faces), video paths become one row per face per sampled frame (label/videos.py), not yet
@@ -84,7 +88,7 @@ def prediction_dataset(
         fn_constructor_args=(model.bundle,),
         fn_constructor_kwargs={"model_id": model.model_id, "tta": tta, "precision": precision,
                                "device": plan.device, "threads": plan.threads, "compile": compile,
-                               "batch_size": plan.batch_size},
+                               "batch_size": plan.batch_size, "finish": finish},
         # faces: pyarrow, so that the photos' pixel columns reach the predictor without a copy each
         batch_size=plan.batch_size, batch_format="pyarrow" if photos else "numpy",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.actors,
@@ -129,12 +133,14 @@ class PredictorActor:
 
     predictor = "ray_fer.label.predictor:Predictor"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, finish: Callable[[pa.Table], pa.Table] | None = None, **kwargs: Any) -> None:
         module, name = self.predictor.split(":")
         self.impl = getattr(importlib.import_module(module), name)(*args, **kwargs)
+        self.finish = finish
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        return self.impl(batch)
+        out = self.impl(batch)
+        return self.finish(out) if self.finish is not None else out
 
 
 class FacePredictorActor(PredictorActor):
