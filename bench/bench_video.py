@@ -14,12 +14,15 @@ faces of 240-300 px moving across a textured backdrop, people entering and leavi
      (`ray-fer predict`'s own path), tracks at the end.
 2. memory: the pipeline's peak RSS and USS per decode task and predictor actor (sampled from
    /proc, bench_faces.PeakMemory) on the short and on a --long-min video: flat in the video's
-   length when decoding streams.
+   length when decoding streams. The USS is the process's own memory; pages of Ray's object
+   store that only it maps at the time are printed apart (bench_faces.private_bytes: they are the
+   store's, which Ray sizes, and they had made an actor's USS look 2.3x bigger on 30 minutes).
 
 Targets on 2 CPU cores: pipeline >= 1.5x plain; the peaks on the long video within 1.25x of
 those on the short one.
 
     .venv/bin/python bench/bench_video.py [--short-min 1] [--long-min 30] [--repeats 3] [--skip memory]
+        [--videos DIR]  (keeps the generated videos there, and reuses them: 30 minutes take 8 min to make)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_faces import PeakMemory
+from bench_faces import ROLES, PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -57,6 +60,22 @@ def make(path: Path, minutes: float, seed: int = 0) -> int:
     return int(seconds * FPS)
 
 
+def video(folder: Path, minutes: float, seed: int) -> int:
+    """`folder` holding one generated video of `minutes` (made unless already there, as --videos
+    keeps it); returns its sampled frames at FPS."""
+    path = folder / "video.mp4"
+    if path.exists():
+        return int(minutes * 60 * FPS)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    partial = folder / "video.part.mp4"  # named .mp4 for the encoder; renamed once whole
+    frames = make(partial, minutes, seed=seed)
+    partial.rename(path)
+    print(f"made a {minutes:g}-minute 1080p video ({frames} frames at {FPS:g}/s) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return frames
+
+
 def pipeline(folder: str, out: str) -> dict:
     from ray_fer.config import InferConfig
     from ray_fer.label.infer import label_images
@@ -77,6 +96,7 @@ def main() -> None:
     parser.add_argument("--long-min", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "memory"])
+    parser.add_argument("--videos", type=Path, help="folder to keep the generated videos in and reuse them from")
     args = parser.parse_args()
 
     import ray
@@ -85,12 +105,9 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     results: dict = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "fps": FPS}
     with tempfile.TemporaryDirectory() as tmp:
-        short_dir = Path(tmp) / "short"
-        short_dir.mkdir()
-        t0 = time.perf_counter()
-        frames = make(short_dir / "short.mp4", args.short_min)
-        print(f"made a {args.short_min:g}-minute 1080p video ({frames} frames at {FPS:g}/s) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        videos = args.videos or Path(tmp)
+        short_dir = videos / f"{args.short_min:g}-min"
+        frames = video(short_dir, args.short_min, seed=0)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         if "e2e" not in args.skip:
             rates: dict[str, list[float]] = {"pipeline": [], "plain": []}
@@ -99,7 +116,7 @@ def main() -> None:
                 pipeline(str(short_dir), os.path.join(tmp, "out"))
                 rates["pipeline"].append(frames / (time.perf_counter() - t))
                 t = time.perf_counter()
-                plain(str(short_dir / "short.mp4"))
+                plain(str(short_dir / "video.mp4"))
                 rates["plain"].append(frames / (time.perf_counter() - t))
                 print(f"repeat {r + 1}: pipeline {rates['pipeline'][-1]:.1f}, plain {rates['plain'][-1]:.1f} "
                       "sampled frames/s", flush=True)
@@ -110,11 +127,8 @@ def main() -> None:
                   f"{args.repeats}): pipeline {med['pipeline']:.1f} frames/s, plain loop {med['plain']:.1f}: "
                   f"ratio {med['pipeline'] / med['plain']:.2f} (target >= 1.5)", flush=True)
         if "memory" not in args.skip:
-            long_dir = Path(tmp) / "long"
-            long_dir.mkdir()
-            t0 = time.perf_counter()
-            long_frames = make(long_dir / "long.mp4", args.long_min, seed=1)
-            print(f"made a {args.long_min:g}-minute 1080p video in {time.perf_counter() - t0:.0f} s", flush=True)
+            long_dir = videos / f"{args.long_min:g}-min"
+            long_frames = video(long_dir, args.long_min, seed=1)
             memory = {}
             for name, folder, n in (("short", short_dir, frames), ("long", long_dir, long_frames)):
                 with PeakMemory() as peaks:
@@ -123,12 +137,19 @@ def main() -> None:
                     seconds = time.perf_counter() - t
                 memory[name] = {"sampled_frames": n, "seconds": round(seconds, 1),
                                 "frames_per_s": round(n / seconds, 2), **peaks.summary()}
+                for role in ROLES:  # within one run: the peak over its first sixth against the whole run's
+                    memory[name][role]["peak_uss_mb_first_sixth"] = peaks.peak_uss_until(role, seconds / 6)
             results["memory"] = memory
             print(f"\n2. peak memory per process (MB; USS: its own pages), {args.short_min:g} vs {args.long_min:g} min:")
             for role in ("actors", "decode tasks"):
                 s, lg = memory["short"][role], memory["long"][role]
                 print(f"   {role}: RSS {s['peak_rss_mb']:,} -> {lg['peak_rss_mb']:,}, USS {s['peak_uss_mb']:,} -> "
-                      f"{lg['peak_uss_mb']:,} (ratio {lg['peak_uss_mb'] / max(s['peak_uss_mb'], 1):.2f}; target <= 1.25)")
+                      f"{lg['peak_uss_mb']:,} (ratio {lg['peak_uss_mb'] / max(s['peak_uss_mb'], 1):.2f}; target <= 1.25); "
+                      f"object store pages mapped by it alone {s['peak_store_private_mb']:,} -> "
+                      f"{lg['peak_store_private_mb']:,}")
+                print(f"      within the long run: USS {lg['peak_uss_mb_first_sixth']:,} by its first sixth, "
+                      f"{lg['peak_uss_mb']:,} over the whole run (ratio "
+                      f"{lg['peak_uss_mb'] / max(lg['peak_uss_mb_first_sixth'], 1):.2f})")
             print(f"   long video: {memory['long']['frames_per_s']} sampled frames/s over {memory['long']['seconds']} s")
         ray.shutdown()
     print(json.dumps(results))
