@@ -18,7 +18,8 @@ the variants taking turns.
 2. the detector alone on the real photos (../shared/data/photos) at detection sizes 640 and
    1024: milliseconds per photo on one thread and faces found (how faces.DETECT_SIZE was chosen).
 3. memory: the pipeline's peak memory per process (RSS, and USS: its own pages, without shared
-   libraries and object-store pages) for the predictor actors and the decode tasks, sampled from
+   libraries; object-store pages that only it maps are printed apart, see private_bytes) for the
+   predictor actors and the decode tasks, sampled from
    /proc while it labels --photos files of 1280x960 and then the same photos enlarged to 24
    megapixels (5664x4248; --memory-distinct distinct images, hard-linked to --photos files).
 
@@ -385,7 +386,8 @@ def main() -> None:
         print(f"\n3. peak memory per process while labelling {args.photos} photos (MB; USS: its own pages)")
         for name, r in mem.items():
             if isinstance(r, dict):
-                stages = "; ".join(f"{role}: {v['processes']} seen, RSS {v['peak_rss_mb']:,}, USS {v['peak_uss_mb']:,}"
+                stages = "; ".join(f"{role}: {v['processes']} seen, RSS {v['peak_rss_mb']:,}, USS {v['peak_uss_mb']:,} "
+                                   f"(+{v['peak_store_private_mb']:,} of the object store's)"
                                    for role, v in r.items() if isinstance(v, dict))
                 print(f"   {name:>9}: {r['photos_per_s']} photos/s; {stages}")
         from ray_fer.label.plan import FACE_PREDICTOR_MEMORY
