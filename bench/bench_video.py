@@ -64,16 +64,15 @@ def video(folder: Path, minutes: float, seed: int) -> int:
     """`folder` holding one generated video of `minutes` (made unless already there, as --videos
     keeps it); returns its sampled frames at FPS."""
     path = folder / "video.mp4"
-    if path.exists():
-        return int(minutes * 60 * FPS)
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    partial = folder / "video.part.mp4"  # named .mp4 for the encoder; renamed once whole
-    frames = make(partial, minutes, seed=seed)
-    partial.rename(path)
-    print(f"made a {minutes:g}-minute 1080p video ({frames} frames at {FPS:g}/s) in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
-    return frames
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        partial = folder / "video.part.mp4"  # named .mp4 for the encoder; renamed once whole
+        frames = make(partial, minutes, seed=seed)
+        partial.rename(path)
+        print(f"made a {minutes:g}-minute 1080p video ({frames} frames at {FPS:g}/s) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return int(minutes * 60 * FPS)  # as make() counts them
 
 
 def pipeline(folder: str, out: str) -> dict:
@@ -141,15 +140,16 @@ def main() -> None:
                     memory[name][role]["peak_uss_mb_first_sixth"] = peaks.peak_uss_until(role, seconds / 6)
             results["memory"] = memory
             print(f"\n2. peak memory per process (MB; USS: its own pages), {args.short_min:g} vs {args.long_min:g} min:")
-            for role in ("actors", "decode tasks"):
+            for role in ROLES:
                 s, lg = memory["short"][role], memory["long"][role]
                 print(f"   {role}: RSS {s['peak_rss_mb']:,} -> {lg['peak_rss_mb']:,}, USS {s['peak_uss_mb']:,} -> "
                       f"{lg['peak_uss_mb']:,} (ratio {lg['peak_uss_mb'] / max(s['peak_uss_mb'], 1):.2f}; target <= 1.25); "
                       f"object store pages mapped by it alone {s['peak_store_private_mb']:,} -> "
                       f"{lg['peak_store_private_mb']:,}")
-                print(f"      within the long run: USS {lg['peak_uss_mb_first_sixth']:,} by its first sixth, "
-                      f"{lg['peak_uss_mb']:,} over the whole run (ratio "
-                      f"{lg['peak_uss_mb'] / max(lg['peak_uss_mb_first_sixth'], 1):.2f})")
+                first = lg["peak_uss_mb_first_sixth"]  # 0: no process of the role sampled that early
+                ratio = f"ratio {lg['peak_uss_mb'] / first:.2f}" if first else "none sampled by then"
+                print(f"      within the long run: USS {first:,} by its first sixth, {lg['peak_uss_mb']:,} over the "
+                      f"whole run ({ratio})")
             print(f"   long video: {memory['long']['frames_per_s']} sampled frames/s over {memory['long']['seconds']} s")
         ray.shutdown()
     print(json.dumps(results))
