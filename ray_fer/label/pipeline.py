@@ -104,7 +104,9 @@ def open_model(file: ModelFile) -> ModelRef:
     or another kind of file) is raised here as itself, one line."""
     import ray
 
-    opener = ray.remote(_open_bundle).options(num_returns=2, num_cpus=OPEN_CPUS, max_retries=0)
+    # max_calls=1: the worker exits once the bundle is open. It has imported torch (~260 MB), and
+    # Ray would hand the same process the decode tasks next, which need none of it
+    opener = ray.remote(num_returns=2, num_cpus=OPEN_CPUS, max_retries=0, max_calls=1)(_open_bundle)
     about, bundle = opener.remote(ray.put(file.data), file.uri)
     try:
         info = ray.get(about)
