@@ -382,3 +382,28 @@ def test_each_segment_of_a_video_is_a_decode_task_of_its_own(clip, video_folder,
                            num_cpus=0.2)
             .map_batches(rows_per_block, batch_size=None, batch_format="pyarrow", num_cpus=0.25).take_all())
     assert sorted((r["rows"], r["videos"]) for r in seen) == [(1, 1)] * 6 + [(2, 0)], seen
+
+
+@pytest.mark.integration
+def test_no_decode_task_runs_in_the_worker_that_imported_torch_to_open_the_model(ray_local):
+    """open_model's task imports torch (~260 MB) in its worker; Ray hands an idle worker any task
+    of the job, so unless that worker exits, decode tasks ran in it and their memory measured 2.5x
+    on a 30-minute video what it was on a 1-minute one (docs/labelling.md#figures)."""
+    import os
+    import sys
+    import time
+
+    from ray_fer.label.pipeline import open_model
+    from ray_fer.model_ref import OPEN_CPUS, ModelFile
+
+    model = open_model(ModelFile.read("fer-photos"))
+    assert model.classes == tuple(CLASSES)
+
+    @ray_local.remote(num_cpus=OPEN_CPUS)
+    def has_torch() -> tuple[int, bool]:
+        time.sleep(0.3)  # held a moment, so that the tasks spread over every idle worker
+        return os.getpid(), "torch" in sys.modules
+
+    seen = ray_local.get([has_torch.remote() for _ in range(16)])
+    assert len({pid for pid, _ in seen}) > 1
+    assert not [pid for pid, torch_in in seen if torch_in], seen
