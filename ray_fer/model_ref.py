@@ -10,13 +10,21 @@ the object store; they import torch anyway.
     ModelFile.read(model)      driver, before any cluster work: which file (packaged name, run
                                folder, path or s3:// URI), its bytes, and that they are a torch.save
                                archive
-    pipeline.open_model(file)  a Ray task loads the bundle (weights_only): its ModelRef
+    pipeline.open_model(file)  a Ray task loads the bundle (weights_only): its ModelRef; what the
+                               driver needs of it is kept on the driver's disk (`remember`), so a
+                               later run of the same bundle skips the task and the actors open
+                               the bytes themselves
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import tempfile
 import zipfile
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +111,7 @@ class ModelRef:
     classes: tuple[str, ...]
     image_size: int
     decode_size: int
-    bundle: Any  # ray.ObjectRef of the model.ModelBundle: Predictor takes it as its model
+    bundle: Any  # ray.ObjectRef of the model.ModelBundle, or of its bytes: Predictor takes either as its model
 
 
 @dataclass(frozen=True)
@@ -128,3 +136,42 @@ class ModelFile:
         if not pickled:
             raise not_loadable(uri, "a zip archive without the data.pkl that torch.save writes")
         return cls(uri, data)
+
+
+# What the driver needs of a bundle (`ModelRef` less the bundle), kept per bundle on the driver's
+# disk: opening a bundle takes a Ray task that imports torch (~6 CPU-seconds, a few seconds before
+# any labelling starts on a small machine), and the same bundle gives the same answers. An entry is
+# named by the SHA-256 of the bundle's bytes and of model.py, whose code computes the answers.
+CACHE_ENV = "RAY_FER_CACHE"  # the folder; default $XDG_CACHE_HOME/ray-fer or ~/.cache/ray-fer
+INFO_KEYS = ("model_id", "classes", "image_size", "decode_size")
+
+
+def _info_file(data: bytes) -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ray-fer")
+    code = (Path(__file__).with_name("model.py")).read_bytes()
+    key = hashlib.sha256(hashlib.sha256(data).digest() + hashlib.sha256(code).digest()).hexdigest()
+    return Path(root) / "models" / f"{key}.json"
+
+
+def remembered(data: bytes) -> dict[str, Any] | None:
+    """What `remember` kept for a bundle of these bytes, or None (never opened here, or unreadable)."""
+    try:
+        info = json.loads(_info_file(data).read_text())
+        out = {k: info[k] for k in INFO_KEYS}
+        out["classes"] = tuple(out["classes"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember(data: bytes, info: dict[str, Any]) -> None:
+    """Keep `info` (INFO_KEYS) for a bundle of these bytes; a cache that cannot be written is skipped."""
+    path = _info_file(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump({k: (list(info[k]) if k == "classes" else info[k]) for k in INFO_KEYS}, f)
+        os.replace(f.name, path)  # whole or not at all, whatever runs at the same time
+    except OSError:
+        pass

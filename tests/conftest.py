@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,22 @@ import pytest
 # Token authentication is on by default in Ray 2.60; these tests talk to Ray on loopback only.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Iterator[Path]:
+    """What the driver keeps of the bundles it opened (model_ref.remember): this session's own,
+    not the user's ~/.cache; each bundle is opened by a Ray task once in the session."""
+    from ray_fer.model_ref import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("model-cache")
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
 
 REPO = Path(__file__).resolve().parents[1]
 FER_ROOT = Path(os.environ.get("RAY_FER_DATA", REPO.parent / "shared" / "data" / "fer2013"))

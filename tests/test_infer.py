@@ -441,3 +441,34 @@ def test_cli_as_a_user_runs_it(fer_root, random_bundle, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["images"] == len(faces) and summary["output"] == str(out)
     assert {"images", "labelled", "errors", "output", "seconds", "images_per_s", "model"} <= set(summary)
+
+
+@pytest.mark.integration
+def test_a_bundle_opened_before_is_opened_by_the_actors_with_the_same_labels(ray_local, fer_root, random_bundle,
+                                                                             tmp_path, monkeypatch):
+    """The first run of a bundle opens it in a Ray task and keeps what the driver needs on disk; a
+    second run of the same bytes hands the actors the bytes (no task) and labels exactly alike."""
+    import ray
+
+    from ray_fer.label.pipeline import open_model
+    from ray_fer.model import ModelBundle
+    from ray_fer.model_ref import CACHE_ENV, ModelFile
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    file = ModelFile.read(random_bundle)
+    opened = open_model(file)
+    assert isinstance(ray.get(opened.bundle), ModelBundle)  # by the task
+    assert len(list((tmp_path / "cache" / "models").glob("*.json"))) == 1
+    again = open_model(file)
+    assert ray.get(again.bundle) == file.data  # the bytes, for the actors to open
+    about = ("model_id", "classes", "image_size", "decode_size")
+    assert [getattr(again, k) for k in about] == [getattr(opened, k) for k in about]
+
+    folder = tmp_path / "images"
+    _fer_folder(fer_root, folder, per_class=2)
+    runs = []
+    for name in ("first", "second"):  # the first run's bundle is opened as above: by the task once more
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / ("fresh" if name == "first" else "cache")))
+        label_images(InferConfig(model=random_bundle, input=str(folder), output=str(tmp_path / name), faces="whole"))
+        runs.append(_read_output(str(tmp_path / name)).sort_by("path"))
+    assert runs[0].num_rows == 14 and runs[0].equals(runs[1])

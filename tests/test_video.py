@@ -385,7 +385,7 @@ def test_each_segment_of_a_video_is_a_decode_task_of_its_own(clip, video_folder,
 
 
 @pytest.mark.integration
-def test_no_decode_task_runs_in_the_worker_that_imported_torch_to_open_the_model(ray_local):
+def test_no_decode_task_runs_in_the_worker_that_imported_torch_to_open_the_model(ray_local, tmp_path, monkeypatch):
     """open_model's task imports torch (~260 MB) in its worker; Ray hands an idle worker any task
     of the job, so unless that worker exits, decode tasks ran in it and their memory measured 2.5x
     on a 30-minute video what it was on a 1-minute one (docs/labelling.md#figures)."""
@@ -394,8 +394,9 @@ def test_no_decode_task_runs_in_the_worker_that_imported_torch_to_open_the_model
     import time
 
     from ray_fer.label.pipeline import open_model
-    from ray_fer.model_ref import OPEN_CPUS, ModelFile
+    from ray_fer.model_ref import CACHE_ENV, OPEN_CPUS, ModelFile
 
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a bundle never opened here: its task runs
     @ray_local.remote(num_cpus=OPEN_CPUS)
     def has_torch() -> tuple[int, bool]:
         time.sleep(0.3)  # held a moment, so that the tasks spread over every idle worker

@@ -19,7 +19,7 @@ from ray_fer import cluster
 from ray_fer.config import UserError
 from ray_fer.label.datasets import DECODE_BATCH, VideoOptions, decoded_dataset
 from ray_fer.faces.options import DETECT_SIZE, check_faces
-from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef
+from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef, remember, remembered
 from ray_fer.label.plan import plan_predictors
 
 if TYPE_CHECKING:
@@ -99,11 +99,16 @@ def prediction_dataset(
 
 
 def open_model(file: ModelFile) -> ModelRef:
-    """The bundle in `file`, loaded by a Ray task (Ray must be connected): a reference to it in
-    the object store and what the driver needs to know of it. Its ModelLoadError (a state dict
-    or another kind of file) is raised here as itself, one line."""
+    """The bundle in `file` in the object store and what the driver needs to know of it (Ray must
+    be connected). The first time a bundle is seen here a Ray task loads it and its ModelLoadError
+    (a state dict or another kind of file) is raised here as itself, one line; what it says is kept
+    on this machine's disk (`model_ref.remember`), and later runs of the same bytes put the bytes
+    in the object store for the actors to open, with no task and no wait."""
     import ray
 
+    info = remembered(file.data)
+    if info is not None:
+        return ModelRef(bundle=ray.put(file.data), **info)
     # max_calls=1: the worker exits once the bundle is open. It has imported torch (~260 MB), and
     # Ray would hand the same process the decode tasks next, which need none of it
     opener = ray.remote(num_returns=2, num_cpus=OPEN_CPUS, max_retries=0, max_calls=1)(_open_bundle)
@@ -114,6 +119,7 @@ def open_model(file: ModelFile) -> ModelRef:
         if isinstance(e.cause, UserError):
             raise e.cause from None
         raise
+    remember(file.data, info)
     return ModelRef(bundle=bundle, **info)
 
 

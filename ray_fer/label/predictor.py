@@ -176,10 +176,12 @@ class Predictor:
 
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
+        if isinstance(model, (bytes, memoryview)):  # a bundle's bytes (pipeline.open_model, opened before)
+            model = ModelBundle.from_bytes(bytes(model))
         if isinstance(model, str):
             model, model_id = load_bundle(model)
         if not isinstance(model, ModelBundle) or model_id is None:
-            raise TypeError("Predictor needs a bundle URI, or a ModelBundle (or its ObjectRef) with model_id")
+            raise TypeError("Predictor needs a bundle URI, or a ModelBundle or its bytes (or their ObjectRef) with model_id")
         tta_views(torch.zeros(1, 2, 2, dtype=torch.uint8), tta)  # unknown modes fail here, not per batch
         if threads:
             torch.set_num_threads(threads)
