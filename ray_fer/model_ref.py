@@ -24,8 +24,8 @@ import json
 import os
 import tempfile
 import zipfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray_fer.store import storage

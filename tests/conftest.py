@@ -39,6 +39,7 @@ def model_cache(tmp_path_factory) -> Iterator[Path]:
     else:
         os.environ[CACHE_ENV] = old
 
+
 REPO = Path(__file__).resolve().parents[1]
 FER_ROOT = Path(os.environ.get("RAY_FER_DATA", REPO.parent / "shared" / "data" / "fer2013"))
 
