@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,11 @@ class ModelFile:
 # any labelling starts on a small machine), and the same bundle gives the same answers. An entry is
 # named by the SHA-256 of the bundle's bytes and of model.py, whose code computes the answers.
 CACHE_ENV = "RAY_FER_CACHE"  # the folder; default $XDG_CACHE_HOME/ray-fer or ~/.cache/ray-fer
-INFO_KEYS = ("model_id", "classes", "image_size", "decode_size")
+INFO_KEYS = tuple(f.name for f in fields(ModelRef) if f.name != "bundle")
 
 
-def _info_file(data: bytes) -> Path:
+def cache_entry(data: bytes) -> Path:
+    """The file that keeps what the driver needs of a bundle of these bytes (`remembered`, `remember`)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ray-fer")
     code = (Path(__file__).with_name("model.py")).read_bytes()
@@ -154,10 +155,10 @@ def _info_file(data: bytes) -> Path:
     return Path(root) / "models" / f"{key}.json"
 
 
-def remembered(data: bytes) -> dict[str, Any] | None:
-    """What `remember` kept for a bundle of these bytes, or None (never opened here, or unreadable)."""
+def remembered(entry: Path) -> dict[str, Any] | None:
+    """What `remember` kept in `entry`, or None (the bundle never opened here, or unreadable)."""
     try:
-        info = json.loads(_info_file(data).read_text())
+        info = json.loads(entry.read_text())
         out = {k: info[k] for k in INFO_KEYS}
         out["classes"] = tuple(out["classes"])
         return out
@@ -165,13 +166,12 @@ def remembered(data: bytes) -> dict[str, Any] | None:
         return None
 
 
-def remember(data: bytes, info: dict[str, Any]) -> None:
-    """Keep `info` (INFO_KEYS) for a bundle of these bytes; a cache that cannot be written is skipped."""
-    path = _info_file(data)
+def remember(entry: Path, info: dict[str, Any]) -> None:
+    """Keep `info` (INFO_KEYS) in `entry`; a cache that cannot be written is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({k: (list(info[k]) if k == "classes" else info[k]) for k in INFO_KEYS}, f)
-        os.replace(f.name, path)  # whole or not at all, whatever runs at the same time
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=entry.parent, suffix=".tmp", delete=False) as f:
+            json.dump({k: info[k] for k in INFO_KEYS}, f)
+        os.replace(f.name, entry)  # whole or not at all, whatever runs at the same time
     except OSError:
         pass

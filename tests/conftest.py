@@ -31,13 +31,9 @@ def model_cache(tmp_path_factory) -> Iterator[Path]:
     from ray_fer.model_ref import CACHE_ENV
 
     path = tmp_path_factory.mktemp("model-cache")
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop(CACHE_ENV, None)
-    else:
-        os.environ[CACHE_ENV] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(path))
+        yield path
 
 
 REPO = Path(__file__).resolve().parents[1]

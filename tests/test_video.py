@@ -397,6 +397,7 @@ def test_no_decode_task_runs_in_the_worker_that_imported_torch_to_open_the_model
     from ray_fer.model_ref import CACHE_ENV, OPEN_CPUS, ModelFile
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a bundle never opened here: its task runs
+
     @ray_local.remote(num_cpus=OPEN_CPUS)
     def has_torch() -> tuple[int, bool]:
         time.sleep(0.3)  # held a moment, so that the tasks spread over every idle worker

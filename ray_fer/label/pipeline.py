@@ -19,7 +19,7 @@ from ray_fer import cluster
 from ray_fer.config import UserError
 from ray_fer.label.datasets import DECODE_BATCH, VideoOptions, decoded_dataset
 from ray_fer.faces.options import DETECT_SIZE, check_faces
-from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef, remember, remembered
+from ray_fer.model_ref import OPEN_CPUS, ModelFile, ModelRef, cache_entry, remember, remembered
 from ray_fer.label.plan import plan_predictors
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ def open_model(file: ModelFile) -> ModelRef:
     in the object store for the actors to open, with no task and no wait."""
     import ray
 
-    info = remembered(file.data)
+    entry = cache_entry(file.data)
+    info = remembered(entry)
     if info is not None:
         return ModelRef(bundle=ray.put(file.data), **info)
     # max_calls=1: the worker exits once the bundle is open. It has imported torch (~260 MB), and
@@ -119,7 +120,7 @@ def open_model(file: ModelFile) -> ModelRef:
         if isinstance(e.cause, UserError):
             raise e.cause from None
         raise
-    remember(file.data, info)
+    remember(entry, info)
     return ModelRef(bundle=bundle, **info)
 
 
