@@ -74,8 +74,8 @@ def test_infer_prints_one_progress_display_and_worker_logs(trained, fer_root):
     assert lines.pop() == "torch imported: False", "\n".join(lines)
     text = "\n".join(lines)
     assert len(lines) <= MOST_LINES, text
-    progress = [line for line in lines if re.match(r"[\d,]+/[\d,]+ images \(", line)]
-    assert len(progress) == 1 and progress[0].startswith("56/56 images (100%)"), text
+    progress = [line for line in lines if re.match(r"[\d,]+/[\d,]+ files \(", line)]  # with faces: videos too
+    assert len(progress) == 1 and progress[0].startswith("56/56 files (100%)"), text
     assert any(line.startswith("predictor ready: model") for line in lines), text  # logged inside an actor
     assert _summary(lines)["images"] == 56
     assert "Running Dataset" not in text and "Execution plan" not in text
@@ -102,7 +102,7 @@ def test_verbose_brings_rays_own_lines_back(trained, fer_root):
                      "--input", str(fer_root / "val" / "disgust"), "--output", str(work / "labels-v"), cwd=work)
     text = "\n".join(lines)
     assert "Started a local Ray instance" in text and "Execution plan of Dataset" in text, text
-    assert "INFO ray_fer.label.infer: listed 56 images" in text  # ray-fer's lines with level and logger (counted once listed)
+    assert "INFO ray_fer.label.infer: listed 56 files" in text  # ray-fer's lines with level and logger (counted once listed)
     assert _summary(lines)["images"] == 56
 
 

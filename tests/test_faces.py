@@ -344,7 +344,7 @@ def test_infer_writes_a_row_per_face_and_counts_files(ray_local, photos_root, fe
     (folder / "broken.jpg").write_bytes(b"")
     out = tmp_path / "out"
     summary = label_images(InferConfig(model=bundle_path, input=str(folder), output=str(out), precision="fp32"))
-    want = {"images": 5, "labelled": 3, "errors": 1, "faces": 4, "no_face": 1}
+    want = {"images": 5, "labelled": 3, "errors": 1, "faces": 4, "no_face": 1, "videos": 0}
     assert {k: summary[k] for k in want} == want
     success = json.loads((out / SUCCESS_FILE).read_text())
     assert {k: success[k] for k in want} == want and success["config"]["faces"] == "auto"

@@ -278,8 +278,8 @@ def test_faces_are_counted_per_file_and_each_file_checked(tmp_path):
     with OutputRun(dst, overwrite=False, skip_existing=False, model_id="m", faces=True) as run:
         _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows(PHOTOS))
         counts = run.check(pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]))
-        assert {k: counts[k] for k in ("images", "labelled", "errors", "faces", "no_face")} == \
-            {"images": 4, "labelled": 2, "errors": 1, "faces": 4, "no_face": 1}
+        assert {k: counts[k] for k in ("images", "labelled", "errors", "faces", "no_face", "videos")} == \
+            {"images": 4, "labelled": 2, "errors": 1, "faces": 4, "no_face": 1, "videos": 0}
         run.commit({"images": counts["images"]})
     assert _read(dst).num_rows == len(PHOTOS)
     # a file whose rows lack its first face, or a path not asked for, is refused before the commit
@@ -295,9 +295,9 @@ def test_skip_existing_keeps_every_face_of_a_file_and_refuses_the_other_mode(tmp
     _write(storage.join(dst, "old.parquet"), _face_rows(PHOTOS + [("/a.jpg", 1, None)]))  # /a.jpg face 1 twice
     with OutputRun(dst, overwrite=False, skip_existing=True, model_id="m", faces=True) as run:
         assert sorted(run.done_paths()) == ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]  # each path once
-        _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows([("/e.jpg", None, None)]))
-        counts = run.check(pa.array(["/e.jpg"]))
-        assert (counts["images"], counts["faces"], counts["no_face"]) == (5, 4, 2)
+        _write(storage.join(run.new_dir, "x_000000.parquet"), _face_rows([("/e.MOV", None, None)]))
+        counts = run.check(pa.array(["/e.MOV"]))
+        assert (counts["images"], counts["faces"], counts["no_face"], counts["videos"]) == (5, 4, 2, 1)
         run.commit({"images": counts["images"]})
     table = _read(dst)
     assert table.num_rows == len(PHOTOS) + 1  # the repeated face is gone, the new file is in

@@ -254,6 +254,7 @@ def test_synthetic_videos_give_their_faces_tracks_and_labels(labelled, video_fol
 def test_every_video_gets_a_row_and_broken_ones_say_where(labelled, video_folder):
     summary, rows, _ = labelled
     assert summary["images"] == 8 and summary["errors"] == 2  # junk.mov, cut.mp4
+    assert summary["videos"] == 7 and summary["no_face"] == 1  # all but the photo; nobody.mp4
     nobody = _rows(rows, "nobody.mp4")
     assert len(nobody) == 1 and nobody[0]["error"] is None and nobody[0]["label"] is None
     assert nobody[0]["face"] is None and nobody[0]["frame"] is None and nobody[0]["time_s"] is None

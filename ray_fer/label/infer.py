@@ -55,9 +55,10 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     Checks the model, the input and the output before any labelling; holds the output's lease
     while it runs, and replaces or extends the output only once every new row is written and
     checked (the protocol is in store/output.py). Returns the summary that
-    `_SUCCESS` also holds: images, labelled and errors (the whole output; with faces also faces
-    and no_face: files read fine without a face, not counted as labelled), processed and skipped
-    (this run), output, model, seconds and images_per_s (this run's images over its wall time).
+    `_SUCCESS` also holds: images, labelled and errors (the whole output, counted in files; with
+    faces also faces, no_face: files read fine without a face, not counted as labelled, and
+    videos: how many of the files are videos), processed and skipped (this run), output, model,
+    seconds and images_per_s (this run's files over its wall time).
     """
     cfg.check()
     if cfg.faces != "whole":
@@ -87,17 +88,18 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         if not listed:
             raise no_images(cfg.input, inputs.extensions)
         todo = tally.total("todo")
-        log.info("listed %s images under %s", f"{listed:,}", cfg.input)
+        what = "files" if faces else "images"  # with faces, videos are listed beside the images
+        log.info("listed %s %s under %s", f"{listed:,}", what, cfg.input)
         skipped = listed - todo.count
         if skipped:
-            log.info("--skip-existing: %d of %d images are already in %s", skipped, listed, cfg.output)
+            log.info("--skip-existing: %d of %d %s are already in %s", skipped, listed, what, cfg.output)
         counts = out.check(todo)
         seconds = time.perf_counter() - t0
         summary = {
             "images": counts["images"], "labelled": counts["labelled"], "errors": counts["errors"],
-            **({"faces": counts["faces"], "no_face": counts["no_face"]} if faces else {}),
+            **({k: counts[k] for k in ("faces", "no_face", "videos")} if faces else {}),
             "processed": todo.count, "skipped": skipped, "output": cfg.output, "model": model.model_id,
-            "seconds": round(seconds, 2), "images_per_s": round(todo.count / seconds, 1),
+            "seconds": round(seconds, 2), "images_per_s": _rate(todo.count, seconds),
         }
         out.commit(summary | {
             "model_uri": cfg.model, "input": cfg.input, "files": counts["files"],
@@ -105,10 +107,16 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "ray_fer_version": __version__, "config": asdict(cfg),
         })
-    found = f", {counts['faces']:,} faces, {counts['no_face']:,} images without a face" if faces else ""
-    log.info("labelled %s images (%s errors%s) into %s in %.1f s", f"{todo.count:,}", f"{counts['errors']:,}",
+    found = f", {counts['faces']:,} faces, {counts['no_face']:,} files without a face" if faces else ""
+    log.info("labelled %s %s (%s errors%s) into %s in %.1f s", f"{todo.count:,}", what, f"{counts['errors']:,}",
              found, cfg.output, seconds)
     return summary
+
+
+def _rate(count: int, seconds: float) -> float:
+    """count / seconds, to one decimal, or to 3 significant digits below 10 (a few long videos)."""
+    rate = count / max(seconds, 1e-9)
+    return round(rate, 1) if rate >= 10 else float(f"{rate:.3g}")
 
 
 def _label_while_holding(out: OutputRun, paths: Any, model: ModelRef, cfg: InferConfig, tally: Tally) -> None:
@@ -146,7 +154,7 @@ def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally
         finish=functools.partial(to_output, schema=schema, counter=counter.actor, kinds=faces),
     )
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
-    progress = console.Progress(0)
+    progress = console.Progress(0, what="files" if faces else "images")
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):
         ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2},
                          **({"partition_cols": [KIND_COLUMN]} if faces else {}))

@@ -57,7 +57,7 @@ from ray_fer import cluster
 
 from ray_fer.store import journal, pathsets, storage
 from ray_fer.config import UserError
-from ray_fer.schema import files_in
+from ray_fer.schema import files_in, video_mask
 from ray_fer.store.journal import STAGING_PREFIX, SUCCESS_FILE
 from ray_fer.store.lease import LEASE_FILE, Lease, LeaseError, new_run_id
 from ray_fer.store.pathsets import Digest
@@ -186,7 +186,7 @@ class OutputRun:
     def check(self, todo: Digest | pa.Array | pa.ChunkedArray | list[str]) -> dict[str, Any]:
         """Check the staged rows against the paths this run labelled (`todo`: their Digest, as
         the pipeline's Tally summed it, or the paths themselves); returns the output's counts
-        after the commit (images, labelled, errors, files; with faces also faces and no_face).
+        after the commit (images, labelled, errors, files; with faces also faces, no_face and videos).
         OutputError when they do not match."""
         assert self.lease is not None
         self.lease.renew()  # a run whose lease was taken over while it labelled says so, in one line
@@ -257,11 +257,12 @@ class OutputRun:
 
 def count_files(files: list[str], *, faces: bool = False, digest: bool = False) -> dict[str, Any]:
     """Rows, images (files described: one row each, or with faces each file's first row),
-    labelled and errors in Parquet files; with faces also `faces` (rows with a face) and
-    `no_face` (files read fine in which no face was found); with `digest` the Digest of the
-    first rows' paths. One Ray task per file (where Ray runs), summed here."""
+    labelled and errors in Parquet files; with faces also `faces` (rows with a face), `no_face`
+    (files read fine in which no face was found) and `videos` (the files described that are
+    videos); with `digest` the Digest of the first rows' paths. One Ray task per file (where Ray
+    runs), summed here."""
     parts = cluster.fetch([cluster.submit(file_counts, uri, faces, digest) for uri in files])
-    keys = ("rows", "images", "labelled", "errors") + (("faces", "no_face") if faces else ())
+    keys = ("rows", "images", "labelled", "errors") + (("faces", "no_face", "videos") if faces else ())
     out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in keys}
     if digest:
         out["digest"] = pathsets.total(p["digest"] for p in parts)
@@ -283,7 +284,7 @@ def file_counts(uri: str, faces: bool, digest: bool) -> dict[str, Any]:
             errors = sum(g.num_rows - s.null_count for g, s in zip(groups, stats))
             return {"rows": meta.num_rows, "images": meta.num_rows, "labelled": meta.num_rows - errors,
                     "errors": errors}
-    columns = ["error"] + (["face"] if faces else []) + (["path"] if digest else [])
+    columns = ["error"] + (["face", "path"] if faces else ["path"] if digest else [])
     table = pq.read_table(path, columns=columns, filesystem=fs)
     first = pc.fill_null(pc.equal(table["face"], 0), True) if faces else None
     images = files_in(table)
@@ -294,7 +295,8 @@ def file_counts(uri: str, faces: bool, digest: bool) -> dict[str, Any]:
         failed = pc.is_valid(table["error"])
         no_face = int(pc.sum(pc.and_(pc.is_null(table["face"]), pc.invert(failed))).as_py() or 0)
         first_failed = int(pc.sum(pc.and_(first, failed)).as_py() or 0)  # a file's error, or its face 0's
-        out |= {"labelled": images - first_failed - no_face, "faces": found, "no_face": no_face}
+        videos = int(pc.sum(video_mask(table["path"].filter(first))).as_py() or 0)
+        out |= {"labelled": images - first_failed - no_face, "faces": found, "no_face": no_face, "videos": videos}
     else:
         out["labelled"] = images - errors
     if digest:
