@@ -131,9 +131,9 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="label a few image files and show the top probabilities")
+    p = sub.add_parser("predict", help="label a few image or video files and show the top probabilities")
     p.add_argument("--model", default="fer-photos", help=MODEL_HELP)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or s3://)")
+    p.add_argument("images", nargs="+", metavar="FILE", help="image or video files (local or s3://)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip or tencrop (default: none)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per image (default: 3)")
     p.add_argument("--faces", default="auto", help=FACES_HELP)
