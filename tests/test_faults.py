@@ -16,7 +16,7 @@ import pytest
 import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
 from ray_fer.store import storage
-from ray_fer.config import InferConfig
+from ray_fer.config import InferConfig, UserError
 from ray_fer.label.infer import label_images
 from ray_fer.labels import CLASSES
 
@@ -53,6 +53,35 @@ def test_labelling_outlasts_a_store_that_fails_for_a_while(ray_local, fer_root, 
     assert all(r["error"] is None and r["label"] in CLASSES for r in rows)
     assert summary["errors"] == 0 and summary["images"] == len(keys)
     assert all(s3_faults.failed.get(f"/{s3_bucket}/{k}", 0) >= 4 for k in troubled)  # the faults happened
+
+
+def test_a_read_or_input_error_in_a_ray_task_reaches_the_user_as_one_line(ray_local, tmp_path):
+    """What `stop_on_read_errors` and the console's filter find in a real Ray task's error, raised
+    by the package's own functions from the modules where they live now (moving a class to
+    another module must not turn the one line back into a traceback; the slow test below runs
+    the whole command against a failing store)."""
+    from ray_fer.console import _DropReportedErrors
+    from ray_fer.label.inputs import _check_manifest
+
+    read = ray.remote(max_retries=0)(storage.read_with_retries)
+    with pytest.raises(storage.ReadError) as error:
+        with storage.stop_on_read_errors("Nothing was committed"):
+            ray.get(read.remote(str(tmp_path), ()))  # a folder: not a missing file, so a ReadError
+    assert re.fullmatch(rf"cannot read {re.escape(str(tmp_path))} after 1 attempts: .+\. Nothing was committed",
+                        str(error.value)), str(error.value)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file\na.jpg\n")
+    with pytest.raises(UserError) as bad:  # the message alone, not Ray's RayTaskError(InputError)
+        with storage.stop_on_read_errors("unused"):
+            ray.get(ray.remote(max_retries=0)(_check_manifest).remote(str(tmp_path), str(manifest)))
+    assert type(bad.value) is UserError and str(bad.value).startswith(f"manifest {str(manifest)!r} has no 'path' column (it has: file)"), str(bad.value)
+    try:  # Ray Data's console copy of such an error is dropped; its other errors are kept
+        ray.get(read.remote(str(tmp_path), ()))
+    except Exception as e:  # noqa: BLE001 - the RayTaskError as Ray raises it
+        copy = logging.LogRecord("ray.data", logging.ERROR, __file__, 1, "task failed", None, (type(e), e, None))
+    other = logging.LogRecord("ray.data", logging.ERROR, __file__, 1, "task failed", None,
+                              (ValueError, ValueError("boom"), None))
+    assert not _DropReportedErrors().filter(copy) and _DropReportedErrors().filter(other)
 
 
 @pytest.mark.slow  # ~45 s, a private Ray instance; the retries themselves run in the test above

@@ -173,7 +173,7 @@ def read_with_retries(uri: str, delays: tuple[float, ...] | None = None) -> byte
 def reported_in_task(e: BaseException) -> re.Match[str] | None:
     """Where the text of an error from a Ray task holds a ReadError or a manifest's InputError,
     which `stop_on_read_errors` reports as one line: the match (group 1 the class, 2 the message)."""
-    return re.search(r"ray_fer\.\w+\.(ReadError|InputError): (.+)", str(e))
+    return re.search(r"ray_fer(?:\.\w+)+\.(ReadError|InputError): (.+)", str(e))  # any module of the package
 
 
 @contextlib.contextmanager
