@@ -199,7 +199,8 @@ def test_synthetic_photos_recall_and_false_boxes(synthetic, known_faces, record_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="target not met: the packaged model keeps 80.7% of upright faces' labels "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="target not met: the packaged model keeps 80.7% of upright faces' labels "
                    "(docs/labelling.md#faces-in-photos---faces); strict, so reaching 90% fails until this mark goes")
 def test_aligned_faces_keep_the_labels_of_their_crops(synthetic, known_faces, record_property):
     """The packaged model labels the detected, aligned crops as it labels the original FER2013 crops

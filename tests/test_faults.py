@@ -74,7 +74,8 @@ def test_a_read_or_input_error_in_a_ray_task_reaches_the_user_as_one_line(ray_lo
     with pytest.raises(UserError) as bad:  # the message alone, not Ray's RayTaskError(InputError)
         with storage.stop_on_read_errors("unused"):
             ray.get(ray.remote(max_retries=0)(_check_manifest).remote(str(tmp_path), str(manifest)))
-    assert type(bad.value) is UserError and str(bad.value).startswith(f"manifest {str(manifest)!r} has no 'path' column (it has: file)"), str(bad.value)
+    assert type(bad.value) is UserError, repr(bad.value)
+    assert str(bad.value).startswith(f"manifest {str(manifest)!r} has no 'path' column (it has: file)"), str(bad.value)
     try:  # Ray Data's console copy of such an error is dropped; its other errors are kept
         ray.get(read.remote(str(tmp_path), ()))
     except Exception as e:  # noqa: BLE001 - the RayTaskError as Ray raises it
