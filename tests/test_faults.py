@@ -152,7 +152,7 @@ def test_a_predictor_killed_mid_job_is_replaced_and_every_image_is_labelled_once
 def test_a_stopped_run_that_lost_its_output_commits_nothing(fer_root, random_bundle, tmp_path, ray_local, monkeypatch,
                                                             caplog):
     """From outside the process, as it happens on a real machine: `ray-fer infer` A labels FER2013
-    val; a second run on the same output is refused at once (before Ray starts); A's driver is
+    train; a second run on the same output is refused at once (before Ray starts); A's driver is
     then frozen (SIGSTOP) past the lease timeout, run B takes the output over and commits its own
     rows; A is resumed (SIGCONT). A must exit non-zero with one line and change nothing: the
     output is B's."""
@@ -175,7 +175,9 @@ def test_a_stopped_run_that_lost_its_output_commits_nothing(fer_root, random_bun
         return [sys.executable, "-m", "ray_fer.cli", "infer", "--model", random_bundle, "--input", str(src),
                 "--output", str(out), "--faces", "whole", "--set", "batch_size=32", *extra]
 
-    a = subprocess.Popen(infer(fer_root / "val"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # A labels FER2013 train (28,709 faces, minutes here): only its driver is frozen below, and its
+    # Ray workers go on meanwhile, so val's 3,589 could all be done by the time it wakes
+    a = subprocess.Popen(infer(fer_root / "train"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=env, cwd=REPO)
     lines: list[str] = []
     ready = threading.Event()
