@@ -88,7 +88,7 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
         if not listed:
             raise no_images(cfg.input, inputs.extensions)
         todo = tally.total("todo")
-        what = "files" if faces else "images"  # with faces, videos are listed beside the images
+        what = _counted(faces)
         log.info("listed %s %s under %s", f"{listed:,}", what, cfg.input)
         skipped = listed - todo.count
         if skipped:
@@ -111,6 +111,11 @@ def label_images(cfg: InferConfig) -> dict[str, Any]:
     log.info("labelled %s %s (%s errors%s) into %s in %.1f s", f"{todo.count:,}", what, f"{counts['errors']:,}",
              found, cfg.output, seconds)
     return summary
+
+
+def _counted(faces: bool) -> str:
+    """What the console calls the inputs: with faces videos are listed beside the images, so files."""
+    return "files" if faces else "images"
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -154,7 +159,7 @@ def _label(paths: Any, model: ModelRef, cfg: InferConfig, dst: str, tally: Tally
         finish=functools.partial(to_output, schema=schema, counter=counter.actor, kinds=faces),
     )
     advice = "Nothing was committed and the output is as it was: run again once the store answers"
-    progress = console.Progress(0, what="files" if faces else "images")
+    progress = console.Progress(0, what=_counted(faces))
     with storage.stop_on_read_errors(advice), counter.watch(progress, total=lambda: tally.counts().get("todo", 0)):
         ds.write_parquet(dst, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0.2},
                          **({"partition_cols": [KIND_COLUMN]} if faces else {}))

@@ -284,7 +284,7 @@ def file_counts(uri: str, faces: bool, digest: bool) -> dict[str, Any]:
             errors = sum(g.num_rows - s.null_count for g, s in zip(groups, stats))
             return {"rows": meta.num_rows, "images": meta.num_rows, "labelled": meta.num_rows - errors,
                     "errors": errors}
-    columns = ["error"] + (["face", "path"] if faces else ["path"] if digest else [])
+    columns = ["error"] + (["face"] if faces else []) + (["path"] if faces or digest else [])
     table = pq.read_table(path, columns=columns, filesystem=fs)
     first = pc.fill_null(pc.equal(table["face"], 0), True) if faces else None
     images = files_in(table)
